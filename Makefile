@@ -41,6 +41,12 @@ format: install ## apply ruff's fixes and formatting
 train: install ## a full default training run into runs/<timestamp>
 	$(PY) -m training.train --dataset $(DATASET) --out $(RUNS_DIR)/$$(date +%Y%m%d-%H%M%S)
 
+# The newest runs/*/best.pt (a run still in its first epoch has none yet), or RUN's when RUN is given.
+EXPORT_CHECKPOINT = $(if $(filter file,$(origin RUN)),$(shell ls -t $(RUNS_DIR)/*/best.pt 2>/dev/null | head -1),$(patsubst %/,%,$(RUN))/best.pt)
+export: install ## export the newest run's best.pt (or RUN=runs/<name>) as the next version of $(REPOSITORY)/$(NAME)
+	@test -n "$(EXPORT_CHECKPOINT)" || { echo "error: no $(RUNS_DIR)/*/best.pt: run 'make train' first, or pass RUN=runs/<name>" >&2; exit 1; }
+	$(PY) -m training.export --checkpoint $(EXPORT_CHECKPOINT) --repository $(REPOSITORY) --name $(NAME)
+
 run: install ## quickstart: train a quick model
 	$(PY) -m training.train --dataset $(DATASET) --epochs 10 --out $(RUNS_DIR)/quickstart
 

@@ -1,0 +1,210 @@
+"""serving.repository: versions are listed, loaded and refused exactly when their files disagree with model.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serving.repository import ModelRepositoryError, list_versions, load_version
+
+
+def copy_model(exported_repository: Path, tmp_path: Path, name: str = "vae-mnist") -> Path:
+    """A private copy of the session's exported model directory, free to tamper with."""
+    model_dir = tmp_path / name
+    shutil.copytree(exported_repository, model_dir)
+    return model_dir
+
+
+def edit_manifest(version_dir: Path, change: Any) -> None:
+    path = version_dir / "model.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.repository", "check", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_load_newest_version_matches_manifest(exported_repository: Path) -> None:
+    loaded = load_version(exported_repository)
+    assert (loaded.name, loaded.version, loaded.latent_dim, loaded.image_shape) == ("vae-mnist", 1, 20, (1, 28, 28))
+    assert loaded.path == exported_repository / "1"
+    assert [s.name for s in loaded.encoder.outputs] == ["mu", "log_var"]
+    assert loaded.encoder.inputs[0].shape == ("batch", 1, 28, 28)
+    assert loaded.decoder.inputs[0].shape == ("batch", 20)
+    assert loaded.decoder.outputs[0].dtype == "float32"
+    assert loaded.encoder.model_bytes == (exported_repository / "1" / "encoder.onnx").read_bytes()
+    assert loaded.manifest["graphs"]["decoder"]["sha256"] == loaded.decoder.sha256
+
+
+def test_sessions_built_from_verified_bytes_run_any_batch_size(exported_repository: Path) -> None:
+    loaded = load_version(exported_repository)
+    decoder = ort.InferenceSession(loaded.decoder.model_bytes, providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(loaded.encoder.model_bytes, providers=["CPUExecutionProvider"])
+    for batch in (1, 3, 33):
+        (images,) = decoder.run(None, {"z": np.zeros((batch, 20), np.float32)})
+        assert images.shape == (batch, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
+        mu, log_var = encoder.run(None, {"x": images})
+        assert mu.shape == log_var.shape == (batch, 20)
+
+
+def test_list_versions_is_ascending_and_skips_other_entries(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    for name in ("10", "2", ".export-3-abc", "latest", "01"):
+        (model_dir / name).mkdir()
+    (model_dir / "7").write_text("a file, not a version")
+    assert list_versions(model_dir) == [1, 2, 10]
+
+
+def test_pinned_version_loads_and_missing_version_is_named(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    assert load_version(model_dir, 1).version == 1
+    with pytest.raises(ModelRepositoryError, match=r"vae-mnist/4: version not found \(available: 1\)"):
+        load_version(model_dir, 4)
+    with pytest.raises(ModelRepositoryError, match="model directory not found"):
+        load_version(tmp_path / "nothing-here")
+
+
+def test_tampered_graph_is_refused_naming_the_file(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    graph = model_dir / "1" / "encoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ModelRepositoryError, match=r"1/encoder\.onnx: sha256 mismatch"):
+        load_version(model_dir)
+
+
+def test_missing_graph_is_refused_naming_the_file(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    (model_dir / "1" / "decoder.onnx").unlink()
+    with pytest.raises(ModelRepositoryError, match=r"1/decoder\.onnx: graph file missing"):
+        load_version(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.unlink(), "model.json: manifest missing"),
+        (lambda p: p.write_text("{not json"), "model.json: not valid JSON"),
+        (lambda p: p.write_text("[1, 2]"), "model.json: manifest must be a JSON object"),
+    ],
+)
+def test_missing_or_malformed_manifest_is_refused(
+    exported_repository: Path, tmp_path: Path, damage: Any, message: str
+) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    damage(model_dir / "1" / "model.json")
+    with pytest.raises(ModelRepositoryError, match=message):
+        load_version(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(latent_dim=16), r"model\.json: graphs\.encoder\.outputs .* latent_dim 16"),
+        (lambda m: m.update(latent_dim="20"), r"model\.json: field latent_dim must be int"),
+        (lambda m: m.pop("graphs"), r"model\.json: missing field graphs\.encoder\.file"),
+        (lambda m: m.update(version=2), r"model\.json: version 2 does not match the directory \(1\)"),
+        (lambda m: m["image"].update(shape=[1, 28]), r"model\.json: image\.shape must be 3 positive integers"),
+        (lambda m: m["graphs"]["decoder"].update(file="../1/decoder.onnx"), r"must be a plain file name"),
+        (lambda m: m.update(format_version=99), r"format_version 99 is not supported"),
+        (lambda m: m["graphs"]["encoder"]["inputs"][0].update(name=3), r"graphs\.encoder\.inputs\.0\.name must be str"),
+        (lambda m: m.update(graphs=[]), r"model\.json: missing field graphs\.encoder\.file"),
+    ],
+)
+def test_manifest_inconsistent_with_the_contract_is_refused(
+    exported_repository: Path, tmp_path: Path, change: Any, message: str
+) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    edit_manifest(model_dir / "1", change)
+    with pytest.raises(ModelRepositoryError, match=message):
+        load_version(model_dir)
+
+
+def test_manifest_shapes_that_the_graph_does_not_have_are_refused(exported_repository: Path, tmp_path: Path) -> None:
+    """latent_dim and every declared shape say 16, consistently, but the graphs were exported with 20."""
+
+    def claim_latent_16(manifest: dict[str, Any]) -> None:
+        manifest["latent_dim"] = 16
+        for graph in manifest["graphs"].values():
+            for spec in graph["inputs"] + graph["outputs"]:
+                if spec["shape"] == ["batch", 20]:
+                    spec["shape"] = ["batch", 16]
+
+    model_dir = copy_model(exported_repository, tmp_path)
+    edit_manifest(model_dir / "1", claim_latent_16)
+    with pytest.raises(ModelRepositoryError, match=r"1/encoder\.onnx: graph outputs .*\[batch,20\].* manifest's"):
+        load_version(model_dir)
+
+
+def test_swapped_graphs_with_matching_checksums_are_refused_by_signature(
+    exported_repository: Path, tmp_path: Path
+) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    version_dir = model_dir / "1"
+    encoder, decoder = (version_dir / "encoder.onnx"), (version_dir / "decoder.onnx")
+    encoder_bytes, decoder_bytes = encoder.read_bytes(), decoder.read_bytes()
+    encoder.write_bytes(decoder_bytes)
+    decoder.write_bytes(encoder_bytes)
+
+    def swap_checksums(manifest: dict[str, Any]) -> None:
+        encoder_entry, decoder_entry = manifest["graphs"]["encoder"], manifest["graphs"]["decoder"]
+        encoder_entry["sha256"], decoder_entry["sha256"] = decoder_entry["sha256"], encoder_entry["sha256"]
+
+    edit_manifest(version_dir, swap_checksums)
+    with pytest.raises(ModelRepositoryError, match=r"1/encoder\.onnx: graph inputs \[z float32"):
+        load_version(model_dir)
+
+
+def test_unloadable_graph_with_matching_checksum_is_refused(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    garbage = b"not an onnx model"
+    (model_dir / "1" / "decoder.onnx").write_bytes(garbage)
+    from serving.repository import sha256_hex
+
+    edit_manifest(model_dir / "1", lambda m: m["graphs"]["decoder"].update(sha256=sha256_hex(garbage)))
+    with pytest.raises(ModelRepositoryError, match=r"1/decoder\.onnx: onnxruntime cannot load the graph"):
+        load_version(model_dir)
+
+
+def test_version_copied_under_another_name_is_refused(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path, name="vae-fashion")
+    with pytest.raises(ModelRepositoryError, match=r"name 'vae-mnist' does not match the directory \('vae-fashion'\)"):
+        load_version(model_dir)
+
+
+def test_serving_repository_imports_no_torch() -> None:
+    code = "import sys, serving.repository; print('torch' in sys.modules, 'onnx' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_check_cli_prints_a_verdict_per_version(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    shutil.copytree(model_dir / "1", model_dir / "2")  # its manifest says version 1: refused
+    result = run_check(str(model_dir))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("vae-mnist 1: ok (latent_dim 20")
+    assert lines[1].startswith("vae-mnist 2: FAILED: ") and "version 1 does not match the directory (2)" in lines[1]
+    pinned = run_check(str(model_dir), "--version", "1")
+    assert pinned.returncode == 0 and pinned.stdout.startswith("vae-mnist 1: ok")
+
+
+def test_check_cli_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = run_check(str(tmp_path / "missing"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: model directory not found"
+    assert "Traceback" not in result.stderr
