@@ -6,6 +6,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The gRPC contract and its generated Python package (not committed; `make install` writes it).
+PROTO_SRC := proto/vae/v1/vae.proto
+PROTO_OUT := serving/proto/vae/v1/vae_pb2_grpc.py
+
 
 RUN ?= $(shell ls -td runs/*/ 2>/dev/null | head -1)
 RUNS_DIR ?= runs
@@ -13,18 +17,23 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: help install test lint format train run export clean
+.PHONY: help install proto serve test lint format train run export clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv with the project, its training and dev extras (quick when done)
+install: $(STAMP) $(PROTO_OUT) ## create .venv with the project, its training and dev extras, and the gRPC code (quick when done)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[training,dev]'
 	touch $@
+
+proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae/v1/vae.proto
+
+$(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
+	$(PY) -m serving.codegen
 
 test: install lint ## lint, then the whole test suite (what CI runs)
 	$(PY) -m pytest
@@ -46,6 +55,12 @@ EXPORT_CHECKPOINT = $(if $(filter file,$(origin RUN)),$(shell ls -t $(RUNS_DIR)/
 export: install ## export the newest run's best.pt (or RUN=runs/<name>) as the next version of $(REPOSITORY)/$(NAME)
 	@test -n "$(EXPORT_CHECKPOINT)" || { echo "error: no $(RUNS_DIR)/*/best.pt: run 'make train' first, or pass RUN=runs/<name>" >&2; exit 1; }
 	$(PY) -m training.export --checkpoint $(EXPORT_CHECKPOINT) --repository $(REPOSITORY) --name $(NAME)
+
+SERVE_MODEL_DIR = $(or $(VAE_MODEL_DIR),$(REPOSITORY)/$(NAME))
+serve: install ## serve the newest version of $(REPOSITORY)/$(NAME) over gRPC (VAE_* env vars apply; ARGS="--port 6000" adds flags)
+	@echo "serving $(SERVE_MODEL_DIR) on port $(or $(VAE_GRPC_PORT),50051), metrics on port $(or $(VAE_METRICS_PORT),9090)/metrics; Ctrl-C stops it"
+	@echo "try: $(PY) -m serving.client --target localhost:$(or $(VAE_GRPC_PORT),50051) sample -n 64 --seed 1 -o samples.png"
+	$(PY) -m serving.server --model-dir $(SERVE_MODEL_DIR) $(ARGS)
 
 run: install ## quickstart: train a quick model
 	$(PY) -m training.train --dataset $(DATASET) --epochs 10 --out $(RUNS_DIR)/quickstart

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import train_tiny_checkpoint
+
+if TYPE_CHECKING:
+    from serving.client import VaeClient
+    from tests.serving_helpers import ServerThread
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +29,22 @@ def exported_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     repository = tmp_path_factory.mktemp("models")
     export(tiny_checkpoint, repository, "vae-mnist")
     return repository / "vae-mnist"
+
+
+@pytest.fixture(scope="session")
+def vae_server(exported_repository: Path) -> Iterator[ServerThread]:
+    """A real grpc.aio server for `exported_repository` on a free 127.0.0.1 port (in-process, own event loop)."""
+    from tests.serving_helpers import ServerThread, server_config
+
+    server = ServerThread(server_config(exported_repository))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vae_client(vae_server: ServerThread) -> Iterator[VaeClient]:
+    """The public client, connected to `vae_server`."""
+    from serving.client import VaeClient
+
+    with VaeClient(vae_server.target, timeout_s=30.0) as client:
+        yield client

@@ -1,0 +1,247 @@
+"""Dynamic batching: concurrent requests' rows merged into one model run, then split back.
+
+One `Batcher` per graph. A request's rows wait in a bounded queue; a worker task takes whole requests from
+the front until `max_batch_size` rows are gathered, or `max_delay_ms` has passed since the oldest waiting
+request arrived, runs them as one batch in a thread (onnxruntime releases the GIL, so the event loop keeps
+accepting requests meanwhile) and hands each request its slice of the outputs. While one batch runs, the
+next one fills: under load batches grow by themselves and the delay is rarely waited in full.
+
+Requests larger than `max_batch_size` are split into chunks. A request whose caller went away (its future
+was cancelled) or whose deadline passed is dropped before it runs. The queue holds at most
+`max_queue_rows` rows: beyond that `run` raises `Overloaded` at once instead of growing memory and latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from serving.errors import DeadlineExceeded, NotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]  # rows [N, ...] → outputs, each [N, ...]
+Outputs = tuple[np.ndarray, ...]
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (the metrics module implements it; tests can record it)."""
+
+    def queue_depth(self, graph: str, rows: int) -> None: ...
+
+    def batch_ran(
+        self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float
+    ) -> None: ...
+
+
+class _NoObserver:
+    def queue_depth(self, graph: str, rows: int) -> None:
+        pass
+
+    def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 64  # rows per model run, at most
+    max_delay_ms: float = 2.0  # how long the oldest waiting request may wait for others to join it
+    max_queue_rows: int = 4096  # rows waiting, at most; beyond it requests are refused (RESOURCE_EXHAUSTED)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_queue_rows < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_rows ({self.max_queue_rows}) must be >= max_batch_size ({self.max_batch_size})"
+            )
+
+
+@dataclass(eq=False)
+class _Pending:
+    rows: np.ndarray
+    future: asyncio.Future[Outputs]
+    enqueued_at: float  # loop.time()
+    deadline: float | None  # loop.time() after which the result is useless
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = len(self.rows)
+
+
+class Batcher:
+    """Merges concurrent `run(rows)` calls for one graph into batched calls of `run_fn`."""
+
+    def __init__(
+        self,
+        graph: str,
+        run_fn: RunFn,
+        policy: BatchPolicy,
+        executor: Executor | None = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.graph = graph
+        self.policy = policy
+        self._run_fn = run_fn
+        self._executor = executor
+        self._observer = observer or _NoObserver()
+        self._max_delay_s = policy.max_delay_ms / 1000.0
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_rows = 0
+        self._wakeup: asyncio.Future[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.graph}")
+
+    async def close(self) -> None:
+        """Stop the worker; requests still queued fail with NotReady (the server drains RPCs before this)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotReady("the server is shutting down; retry on another replica"))
+        self._queued_rows = 0
+
+    async def run(self, rows: np.ndarray, deadline: float | None = None) -> Outputs:
+        """The outputs of `run_fn(rows)`, computed in batches shared with other callers.
+
+        `deadline` is an event-loop time (`loop.time()`); raises Overloaded when the queue is full and
+        DeadlineExceeded when the deadline passed before the rows ran.
+        """
+        count = len(rows)
+        if count == 0:
+            raise ValueError("run() needs at least one row")
+        if self._worker is None:
+            raise NotReady(f"the {self.graph} batcher is not running")
+        if self._queued_rows + count > self.policy.max_queue_rows:
+            raise Overloaded(
+                f"server busy: the {self.graph} queue holds {self._queued_rows} rows and takes at most "
+                f"{self.policy.max_queue_rows}; retry with backoff or send smaller requests"
+            )
+        step = self.policy.max_batch_size
+        futures = [self._enqueue(rows[start : start + step], deadline) for start in range(0, count, step)]
+        if len(futures) == 1:
+            return await futures[0]
+        try:
+            parts = await asyncio.gather(*futures)
+        except BaseException:
+            for future in futures:  # one chunk failed or the caller left: the others need not run
+                future.cancel()
+            raise
+        return tuple(np.concatenate(chunks) for chunks in zip(*parts, strict=True))
+
+    def _enqueue(self, rows: np.ndarray, deadline: float | None) -> asyncio.Future[Outputs]:
+        loop = asyncio.get_running_loop()
+        item = _Pending(rows, loop.create_future(), loop.time(), deadline)
+        self._queue.append(item)
+        self._queued_rows += item.size
+        self._observer.queue_depth(self.graph, self._queued_rows)
+        # Wake the worker when it waits on an empty queue, or waits out the delay and the batch is now full.
+        wakeup = self._wakeup
+        if (
+            wakeup is not None
+            and not wakeup.done()
+            and (len(self._queue) == 1 or self._queued_rows >= self.policy.max_batch_size)
+        ):
+            wakeup.set_result(None)
+        return item.future
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                await self._sleep(None)
+                continue
+            wait_s = self._queue[0].enqueued_at + self._max_delay_s - loop.time()
+            if self._queued_rows < self.policy.max_batch_size and wait_s > 0:
+                await self._sleep(wait_s)
+                continue
+            batch = self._take(loop.time())
+            if batch:
+                try:
+                    await self._run_batch(batch, loop)
+                except Exception as exc:  # a bug here must not stop the worker: later requests would wait forever
+                    log.exception("batch_failed", extra={"fields": {"graph": self.graph}})
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+
+    async def _sleep(self, timeout_s: float | None) -> None:
+        """Wait until `_enqueue` wakes the worker, or `timeout_s` passes."""
+        loop = asyncio.get_running_loop()
+        self._wakeup = wakeup = loop.create_future()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _resolve, wakeup)
+        try:
+            await wakeup
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._wakeup = None
+
+    def _take(self, now: float) -> list[_Pending]:
+        """Pop whole requests up to max_batch_size rows, dropping cancelled and expired ones."""
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue and rows + self._queue[0].size <= self.policy.max_batch_size:
+            item = self._queue.popleft()
+            self._queued_rows -= item.size
+            if item.future.done():  # cancelled: the caller went away
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue"))
+                continue
+            batch.append(item)
+            rows += item.size
+        self._observer.queue_depth(self.graph, self._queued_rows)
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        inputs = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
+        started_at = loop.time()
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_fn, inputs)
+        except asyncio.CancelledError:  # close() while running: the requests cannot be answered
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(NotReady("the server is shutting down; retry on another replica"))
+            raise
+        except Exception as exc:  # the model failed: every request of the batch gets the error
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        inference_seconds = time.perf_counter() - started
+        self._observer.batch_ran(
+            self.graph, len(inputs), [started_at - item.enqueued_at for item in batch], inference_seconds
+        )
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(tuple(output[offset : offset + item.size] for output in outputs))
+            offset += item.size
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

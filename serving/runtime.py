@@ -1,0 +1,132 @@
+"""onnxruntime sessions for a verified model version: provider choice, session options, warm-up.
+
+`GraphRunner.run(array)` is the synchronous numpy-in, numpy-out call the batcher runs in a thread. Sessions
+are built from the verified bytes in the `ModelVersion`, never by re-reading files, so replacing a model
+directory while serving cannot change what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.repository import GraphSpec, ModelVersion
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_OPTIMIZATION_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+class ProviderUnavailable(RuntimeError):
+    """The requested execution provider cannot run here (e.g. `cuda` on a machine without a usable GPU)."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    provider: str = "auto"  # auto | cuda | cpu
+    intra_op_threads: int = 0  # 0: onnxruntime's default
+    graph_optimization: str = "all"  # all | extended | basic | disable
+
+
+class GraphRunner:
+    """One onnxruntime session; input and output names come from the graph's spec (the manifest)."""
+
+    def __init__(self, spec: GraphSpec, session: ort.InferenceSession) -> None:
+        self.spec = spec
+        self.session = session
+        self.input_name = spec.inputs[0].name
+        self.output_names = [output.name for output in spec.outputs]
+        self.provider = session.get_providers()[0]
+
+    def run(self, rows: np.ndarray) -> Sequence[np.ndarray]:
+        """The graph's outputs for one batch of rows (float32, C-contiguous)."""
+        return self.session.run(self.output_names, {self.input_name: rows})
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    """The encoder and decoder of one model version, ready to run."""
+
+    model: ModelVersion
+    encoder: GraphRunner
+    decoder: GraphRunner
+
+    @property
+    def provider(self) -> str:
+        return self.decoder.provider
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run both graphs once per batch size, so the first requests do not pay for allocation and tuning."""
+        for rows in batch_sizes:
+            images = np.zeros((rows, *self.model.image_shape), np.float32)
+            self.encoder.run(images)
+            self.decoder.run(np.zeros((rows, self.model.latent_dim), np.float32))
+
+
+def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
+    """Sessions for both graphs on the chosen provider; raises ProviderUnavailable for an unusable `cuda`."""
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = options.intra_op_threads
+    session_options.inter_op_num_threads = 1  # these graphs are chains: no parallel branches to run
+    session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle onnxruntime threads that spin for work take the cores the event loop and the other graph need
+    # (measured in bench/onnx_vs_torch.py: spinning sessions fall behind on a busy 2-core machine).
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session_options.graph_optimization_level = _OPTIMIZATION_LEVELS[options.graph_optimization]
+    session_options.log_severity_level = 3  # errors only: a CUDA fallback is reported by us, once
+
+    wants_cuda = options.provider in ("auto", "cuda")
+    offered = ort.get_available_providers()
+    if options.provider == "cuda" and CUDA not in offered:
+        raise ProviderUnavailable(f"provider cuda requested but this onnxruntime offers only {', '.join(offered)}")
+    providers = [CUDA, CPU] if wants_cuda and CUDA in offered else [CPU]
+    if CUDA in providers:
+        _preload_cuda_libraries()
+
+    # Where CUDA cannot load, onnxruntime's default logger prints multi-line errors on each session. With
+    # `auto` that fallback is expected and reported once below; with `cuda` its reason is worth seeing.
+    ort.set_default_logger_severity(4 if options.provider == "auto" else 3)
+    try:
+        encoder, decoder = (
+            GraphRunner(spec, ort.InferenceSession(spec.model_bytes, session_options, providers=providers))
+            for spec in (model.encoder, model.decoder)
+        )
+    finally:
+        ort.set_default_logger_severity(2)
+    # onnxruntime-gpu offers CUDA even without a GPU or CUDA libraries, then silently runs on the CPU:
+    # what counts is the provider the sessions actually got.
+    if wants_cuda and CUDA in providers and encoder.provider != CUDA:
+        if options.provider == "cuda":
+            raise ProviderUnavailable("provider cuda requested but no usable CUDA device or libraries were found")
+        reason = "onnxruntime offers CUDA but could not create it here (no GPU, or CUDA/cuDNN libraries missing)"
+        log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
+    return ModelRuntime(model, encoder, decoder)
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels (the `gpu` extra), where installed.
+
+    onnxruntime-gpu does not find those wheels' libraries by itself; `preload_dlls` does. It prints what it
+    cannot load: that goes to the debug log, and a missing library shows up as the CPU fallback instead.
+    """
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output):
+            ort.preload_dlls()
+    except Exception as exc:  # a broken install must not stop a server that can still run on the CPU
+        output.write(f"preload_dlls failed: {exc}")
+    if output.getvalue().strip():
+        log.debug("cuda_preload", extra={"fields": {"output": output.getvalue().strip()}})

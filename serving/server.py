@@ -1,0 +1,219 @@
+"""The gRPC server process: model load and warm-up, VaeService, health, reflection, /metrics, signals.
+
+    python -m serving.server --model-dir models/vae-mnist --port 50051 --metrics-port 9090
+
+Every flag has an environment twin (`--help` lists them). Health reports SERVING for "" and
+"vae.v1.VaeService" only once the graphs are loaded and warmed up. On SIGTERM or SIGINT the server drains:
+health goes NOT_SERVING, new requests get UNAVAILABLE, requests in flight have `--grace-seconds` to finish,
+then the process exits 0. Log lines are JSON, one per event, on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from serving.api import SERVICE_NAME, pb_grpc
+from serving.batcher import BatchPolicy
+from serving.config import ConfigError, ServerConfig, build_parser, load_config
+from serving.metrics import Metrics
+from serving.model import RequestLimits, VaeModel
+from serving.repository import ModelRepositoryError, load_version
+from serving.runtime import ProviderUnavailable, RuntimeOptions, load_runtime
+from serving.service import VaeServicer
+
+log = logging.getLogger("serving")
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (a port is taken, ...); the message says which and why."""
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, and the record's `fields` extra."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its ports and parts, and `stop` for a graceful drain."""
+
+    config: ServerConfig
+    grpc_port: int
+    metrics_port: int
+    model: VaeModel
+    servicer: VaeServicer
+    metrics: Metrics
+    health: health_aio.HealthServicer
+    server: grpc.aio.Server
+    metrics_http: WSGIServer
+    executor: ThreadPoolExecutor
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, let those in flight finish within the grace period, stop."""
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        started = time.perf_counter()
+        log.info("server_draining", extra={"fields": {"grace_seconds": grace}})
+        self.servicer.accepting = False
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.model.close()
+        self.executor.shutdown(wait=True)
+        self.metrics_http.shutdown()
+        self.metrics_http.server_close()
+        log.info("server_stopped", extra={"fields": {"drain_seconds": round(time.perf_counter() - started, 3)}})
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """Channel options of the server: explicit message size limits (gRPC answers RESOURCE_EXHAUSTED beyond)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+    ]
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Load, verify and warm up the model, then serve it.
+
+    Raises ModelRepositoryError, ProviderUnavailable or StartupError, each with a one-line message.
+    """
+    started = time.perf_counter()
+    version = load_version(config.model_dir, config.model_version)
+    runtime = load_runtime(version, RuntimeOptions(config.provider, config.intra_op_threads, config.graph_optimization))
+    runtime.warm_up(sorted({1, config.max_batch_size}))
+    log.info(
+        "model_loaded",
+        extra={
+            "fields": {
+                "name": version.name,
+                "version": version.version,
+                "path": str(version.path),
+                "latent_dim": version.latent_dim,
+                "provider": runtime.provider,
+                "encoder_sha256": version.encoder.sha256,
+                "decoder_sha256": version.decoder.sha256,
+                "load_seconds": round(time.perf_counter() - started, 3),
+            }
+        },
+    )
+    image_bytes = 4 * math.prod(version.image_shape)
+    largest_reply = config.max_items_per_request * (image_bytes + 4 * version.latent_dim) + 1024
+    if largest_reply > config.max_message_bytes:
+        raise StartupError(
+            f"--max-message-bytes ({config.max_message_bytes}) is smaller than the largest reply "
+            f"--max-items-per-request ({config.max_items_per_request}) allows ({largest_reply} bytes)"
+        )
+
+    metrics = Metrics()
+    metrics.set_model(version.name, version.version, runtime.provider)
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
+    policy = BatchPolicy(config.max_batch_size, config.max_delay_ms, config.max_queue_rows)
+    limits = RequestLimits(config.max_items_per_request, config.max_interpolation_steps, config.max_stream_samples)
+    model = VaeModel(runtime, policy, limits, executor, metrics)
+
+    server = grpc.aio.server(options=grpc_options(config))
+    servicer = VaeServicer(model, metrics, config.log_requests)
+    pb_grpc.add_VaeServiceServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = f"{config.host}:{config.port}"
+    try:
+        grpc_port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
+    try:
+        metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror or exc}"
+        ) from None
+    model.start()
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "server_started",
+        extra={
+            "fields": {
+                "grpc_address": f"{config.host}:{grpc_port}",
+                "metrics_address": f"{config.host}:{metrics_port}",
+                "provider": runtime.provider,
+                "startup_seconds": round(time.perf_counter() - started, 3),
+                "config": config.to_json(),
+            }
+        },
+    )
+    return RunningServer(
+        config, grpc_port, metrics_port, model, servicer, metrics, health, server, metrics_http, executor
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("python -m serving.server", __doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args, os.environ)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except (ModelRepositoryError, ProviderUnavailable, StartupError) as exc:
+        log.error("startup_failed", extra={"fields": {"error": str(exc)}})
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

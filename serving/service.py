@@ -1,0 +1,162 @@
+"""The gRPC servicer: protobuf ↔ numpy around one `VaeModel` call per RPC, errors mapped by `status_for`.
+
+Every RPC runs inside `_Call`, which refuses new work while draining, turns the gRPC deadline into an
+event-loop deadline for the batcher, maps exceptions to status codes (no stack trace leaves the server),
+and records metrics and the optional request log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import grpc
+
+from serving.api import pb, pb_grpc
+from serving.errors import NotReady, status_for
+from serving.metrics import Metrics
+from serving.model import VaeModel
+from serving.tensors import method_from_proto, output_dtype_from_proto, tensor_from_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+
+class _Call:
+    """One RPC in flight: refuses it while draining, maps its errors, records its metrics and log line.
+
+    `deadline` (event-loop time) is what the batcher drops expired work by; `items` is set by the handler.
+    `__aexit__` returns None: errors are never swallowed, they become a status via `context.abort`.
+    """
+
+    def __init__(self, servicer: VaeServicer, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.servicer = servicer
+        self.method = method
+        self.context = context
+        self.items: int | None = None
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        self.started = time.perf_counter()
+
+    async def __aenter__(self) -> _Call:
+        self.servicer.metrics.inflight.inc()
+        if not self.servicer.accepting:
+            await self._finish(
+                NotReady("the server is shutting down and accepts no new requests; retry on another replica")
+            )
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._finish(error)
+
+    async def _finish(self, error: BaseException | None) -> None:
+        metrics = self.servicer.metrics
+        metrics.inflight.dec()
+        failure: tuple[grpc.StatusCode, str] | None = None
+        if error is None:
+            code = "OK"
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            # gRPC cancelled the handler: the caller's deadline passed, or the caller went away.
+            expired = self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
+            code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+        else:
+            failure = status_for(error)
+            code = failure[0].name
+        duration = time.perf_counter() - self.started
+        metrics.request_finished(self.method, code, duration, self.items if code == "OK" else None)
+        if self.servicer.log_requests:
+            fields = {
+                "method": self.method,
+                "code": code,
+                "duration_ms": round(duration * 1000, 3),
+                "items": self.items,
+            }
+            log.info("request", extra={"fields": fields})
+        if failure is not None:
+            status, message = failure
+            if status == grpc.StatusCode.INTERNAL:
+                log.error("request_failed", exc_info=error, extra={"fields": {"method": self.method}})
+            await self.context.abort(status, message)
+
+
+class VaeServicer(pb_grpc.VaeServiceServicer):
+    def __init__(self, model: VaeModel, metrics: Metrics, log_requests: bool = False) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.log_requests = log_requests
+        self.accepting = True  # False once draining: new RPCs get UNAVAILABLE
+
+    def _call(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+        return _Call(self, method, context)
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        async with self._call("Encode", context) as call:
+            mu, log_var = await self.model.encode(tensor_from_proto(request.images, "images"), call.deadline)
+            call.items = len(mu)
+            return pb.EncodeResponse(mu=tensor_to_proto(mu), log_var=tensor_to_proto(log_var))
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
+        async with self._call("Decode", context) as call:
+            latents = tensor_from_proto(request.latents, "latents")
+            images = await self.model.decode(latents, output_dtype_from_proto(request.output_dtype), call.deadline)
+            call.items = len(images)
+            return pb.DecodeResponse(images=tensor_to_proto(images))
+
+    async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
+        async with self._call("Sample", context) as call:
+            images, latents = await self.model.sample(
+                request.num_samples,
+                request.seed if request.HasField("seed") else None,
+                request.temperature if request.HasField("temperature") else None,
+                output_dtype_from_proto(request.output_dtype),
+                call.deadline,
+            )
+            call.items = len(latents)
+            return pb.SampleResponse(images=tensor_to_proto(images), latents=tensor_to_proto(latents))
+
+    async def SampleStream(
+        self, request: pb.SampleRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SampleResponse]:
+        async with self._call("SampleStream", context) as call:
+            chunks = self.model.sample_stream(
+                request.num_samples,
+                request.seed if request.HasField("seed") else None,
+                request.temperature if request.HasField("temperature") else None,
+                output_dtype_from_proto(request.output_dtype),
+                call.deadline,
+            )
+            call.items = 0
+            async for images, latents in chunks:
+                call.items += len(latents)
+                yield pb.SampleResponse(images=tensor_to_proto(images), latents=tensor_to_proto(latents))
+
+    async def Interpolate(
+        self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InterpolateResponse:
+        async with self._call("Interpolate", context) as call:
+            images, latents = await self.model.interpolate(
+                tensor_from_proto(request.start, "start"),
+                tensor_from_proto(request.end, "end"),
+                request.steps,
+                method_from_proto(request.method),
+                output_dtype_from_proto(request.output_dtype),
+                call.deadline,
+            )
+            call.items = latents.shape[0] * latents.shape[1]
+            return pb.InterpolateResponse(images=tensor_to_proto(images), latents=tensor_to_proto(latents))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async with self._call("GetModelInfo", context):
+            info = self.model.info
+            return pb.ModelInfo(
+                name=info.name,
+                version=info.version,
+                latent_dim=info.latent_dim,
+                image_shape=info.image_shape,
+                provider=info.provider,
+                manifest_json=info.manifest_json,
+            )

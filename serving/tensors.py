@@ -1,0 +1,83 @@
+"""Protobuf `Tensor` ↔ numpy, and the request enums → plain values: the servicer's translation helpers.
+
+Arrays are built with `np.frombuffer` (no copy) and written with `tobytes()`; the wire format is raw
+little-endian C-order bytes, as the proto says. Every failure is an `InvalidRequest` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from serving.api import pb
+from serving.errors import InvalidRequest
+
+OutputDType = Literal["float32", "uint8"]
+Method = Literal["linear", "slerp"]
+
+WIRE_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+}
+_DTYPE_ENUMS = {np.dtype("float32"): pb.DTYPE_FLOAT32, np.dtype("uint8"): pb.DTYPE_UINT8}
+_OUTPUT_DTYPES: dict[int, OutputDType] = {
+    pb.DTYPE_UNSPECIFIED: "float32",
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_UINT8: "uint8",
+}
+_METHODS: dict[int, Method] = {
+    pb.INTERPOLATION_METHOD_UNSPECIFIED: "linear",
+    pb.LINEAR: "linear",
+    pb.SLERP: "slerp",
+}
+
+
+def array_from_wire(shape: Sequence[int], dtype: int, data: bytes, field: str) -> np.ndarray:
+    """The array a `Tensor` describes (read-only view of `data`), after checking dtype, shape and byte length."""
+    if not shape and not data and dtype == pb.DTYPE_UNSPECIFIED:
+        raise InvalidRequest(f"{field} is missing: set its shape, dtype and data")
+    wire_dtype = WIRE_DTYPES.get(dtype)
+    if wire_dtype is None:
+        name = pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
+        raise InvalidRequest(f"{field}.dtype {name} is not supported: use DTYPE_FLOAT32 or DTYPE_UINT8")
+    dims = tuple(int(d) for d in shape)
+    if not dims:
+        raise InvalidRequest(f"{field} has an empty shape; expected one dimension or more")
+    if any(d < 0 for d in dims):
+        raise InvalidRequest(f"{field}.shape {list(dims)} has a negative dimension")
+    expected_bytes = math.prod(dims) * wire_dtype.itemsize
+    if len(data) != expected_bytes:
+        raise InvalidRequest(
+            f"{field}.data has {len(data)} bytes but shape {list(dims)} of {wire_dtype.name} needs {expected_bytes}"
+        )
+    return np.frombuffer(data, dtype=wire_dtype).reshape(dims)
+
+
+def tensor_from_proto(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """`array_from_wire` for a protobuf Tensor."""
+    return array_from_wire(tensor.shape, tensor.dtype, tensor.data, field)
+
+
+def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
+    """A protobuf Tensor holding `array` (float32 or uint8) as little-endian C-order bytes."""
+    dtype_enum = _DTYPE_ENUMS[array.dtype]  # the model layer only produces these two
+    return pb.Tensor(
+        shape=array.shape, dtype=dtype_enum, data=np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+    )
+
+
+def output_dtype_from_proto(value: int, field: str = "output_dtype") -> OutputDType:
+    """DTYPE_UNSPECIFIED and DTYPE_FLOAT32 → "float32", DTYPE_UINT8 → "uint8"; anything else is invalid."""
+    if value not in _OUTPUT_DTYPES:
+        raise InvalidRequest(f"{field} {value} is not a known DType: use DTYPE_FLOAT32 (default) or DTYPE_UINT8")
+    return _OUTPUT_DTYPES[value]
+
+
+def method_from_proto(value: int) -> Method:
+    """INTERPOLATION_METHOD_UNSPECIFIED and LINEAR → "linear", SLERP → "slerp"; anything else is invalid."""
+    if value not in _METHODS:
+        raise InvalidRequest(f"method {value} is not a known InterpolationMethod: use LINEAR (default) or SLERP")
+    return _METHODS[value]

@@ -1,0 +1,100 @@
+"""Request checks as plain functions: numpy and numbers in, a clean float32 array or value out.
+
+Each failure raises `InvalidRequest` with a message that says what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from serving.errors import InvalidRequest
+
+MAX_TEMPERATURE = 10.0
+
+
+def check_count(count: int, maximum: int, field: str) -> int:
+    """1 <= count <= maximum."""
+    if count < 1:
+        raise InvalidRequest(f"{field} must be at least 1, got {count}")
+    if count > maximum:
+        raise InvalidRequest(f"{field} is {count}, more than this server's limit of {maximum} per request")
+    return count
+
+
+def _check_finite(array: np.ndarray, field: str) -> None:
+    if not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InvalidRequest(f"{field} contains {bad} NaN or infinite values; all values must be finite")
+
+
+def check_images(images: np.ndarray, image_shape: tuple[int, ...], max_items: int, field: str = "images") -> np.ndarray:
+    """[N, *image_shape] float32 in [0, 1] or uint8 → float32 in [0, 1]."""
+    if images.ndim != 1 + len(image_shape) or tuple(images.shape[1:]) != tuple(image_shape):
+        expected = ", ".join(map(str, image_shape))
+        raise InvalidRequest(f"{field} has shape {list(images.shape)}; expected [N, {expected}]")
+    check_count(images.shape[0], max_items, f"{field}: the number of images")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) * np.float32(1.0 / 255.0)
+    if images.dtype != np.float32:
+        raise InvalidRequest(f"{field} has dtype {images.dtype}; expected FLOAT32 or UINT8")
+    _check_finite(images, field)
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        raise InvalidRequest(
+            f"{field} has values in [{low:g}, {high:g}]; FLOAT32 images must lie in [0, 1] (or send UINT8 0..255)"
+        )
+    return images
+
+
+def check_latents(latents: np.ndarray, latent_dim: int, max_items: int, field: str = "latents") -> np.ndarray:
+    """[N, latent_dim] finite float32."""
+    if latents.ndim != 2 or latents.shape[1] != latent_dim:
+        raise InvalidRequest(
+            f"{field} has shape {list(latents.shape)}; expected [N, {latent_dim}] (latent_dim {latent_dim})"
+        )
+    check_count(latents.shape[0], max_items, f"{field}: the number of latents")
+    if latents.dtype != np.float32:
+        raise InvalidRequest(f"{field} has dtype {latents.dtype}; latents must be FLOAT32")
+    _check_finite(latents, field)
+    return latents
+
+
+def check_temperature(temperature: float | None) -> float:
+    """Unset → 1.0; otherwise finite and in (0, MAX_TEMPERATURE]."""
+    if temperature is None:
+        return 1.0
+    if not (math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE):
+        raise InvalidRequest(f"temperature is {temperature}; it must be in (0, {MAX_TEMPERATURE:g}] (default 1.0)")
+    return float(temperature)
+
+
+def check_endpoints(
+    start: np.ndarray, end: np.ndarray, image_shape: tuple[int, ...], latent_dim: int, max_items: int
+) -> str:
+    """Interpolate's start and end: both images or both latents, the same shape. Returns "images" or "latents"."""
+    if start.shape != end.shape:
+        raise InvalidRequest(f"start has shape {list(start.shape)} but end has {list(end.shape)}; they must match")
+    if start.dtype != end.dtype:
+        raise InvalidRequest(f"start has dtype {start.dtype} but end has {end.dtype}; they must match")
+    if start.ndim == 1 + len(image_shape):
+        return "images"
+    if start.ndim == 2:
+        return "latents"
+    expected = ", ".join(map(str, image_shape))
+    raise InvalidRequest(
+        f"start has shape {list(start.shape)}; expected images [P, {expected}] or latents [P, {latent_dim}]"
+    )
+
+
+def check_steps(steps: int, pairs: int, max_steps: int, max_items: int) -> int:
+    """2 <= steps <= max_steps, and pairs * steps <= max_items (the images returned)."""
+    if not 2 <= steps <= max_steps:
+        raise InvalidRequest(f"steps is {steps}; it must be in [2, {max_steps}] (both ends included)")
+    if pairs * steps > max_items:
+        raise InvalidRequest(
+            f"{pairs} pairs x {steps} steps = {pairs * steps} images, "
+            f"more than this server's limit of {max_items} per request"
+        )
+    return steps

@@ -1,0 +1,150 @@
+"""Dynamic batching through a real server: merging, back-pressure, deadlines, and the metrics they leave."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import VaeClient, VaeError
+from serving.metrics import GRAPHS, METHODS
+from tests.serving_helpers import DirectGraphs, ServerThread, running_server, scrape, wait_until
+
+
+@pytest.fixture(scope="module")
+def patient_server(exported_repository: Path) -> Iterator[ServerThread]:
+    """Batches of 8 rows; a lone request waits 1.5 s for company; at most 16 rows queued.
+
+    Only a full batch runs early, so what merges is decided by row counts, not by timing.
+    """
+    with running_server(
+        exported_repository, max_batch_size=8, max_delay_ms=1500, max_queue_rows=16, max_items_per_request=16
+    ) as server:
+        yield server
+
+
+def decoder_runs(server: ServerThread) -> tuple[float, float]:
+    return (
+        server.metric("vae_batch_rows_count", graph="decoder"),
+        server.metric("vae_batch_rows_sum", graph="decoder"),
+    )
+
+
+def test_concurrent_requests_share_one_onnxruntime_run(patient_server: ServerThread, exported_repository: Path) -> None:
+    runs, rows = decoder_runs(patient_server)
+    latents = np.random.default_rng(0).standard_normal((8, 20)).astype(np.float32)
+    with VaeClient(patient_server.target) as client, ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(lambda i: client.decode(latents[i : i + 1]), range(8)))
+    assert decoder_runs(patient_server) == (runs + 1, rows + 8)  # eight 1-row requests, one run of 8 rows
+    expected = DirectGraphs(exported_repository).decode(latents)
+    np.testing.assert_allclose(np.concatenate(images), expected, atol=1e-5)  # each got its own row back
+
+
+def test_queue_overflow_gets_resource_exhausted_and_health_stays_serving(patient_server: ServerThread) -> None:
+    runs, _ = decoder_runs(patient_server)
+    with VaeClient(patient_server.target, retries=0) as client, ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.decode, np.zeros((7, 20), np.float32))  # waits out the delay in the queue
+        wait_until(lambda: patient_server.metric("vae_queue_depth", graph="decoder") == 7, what="7 rows queued")
+        with pytest.raises(VaeError) as raised:
+            client.decode(np.zeros((10, 20), np.float32))  # 7 + 10 > 16
+        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue holds 7 rows and takes at most 16" in raised.value.details
+        assert client.health() == "SERVING"
+        assert waiting.result(timeout=10).shape == (7, 1, 28, 28)  # the queued request still completes
+    assert decoder_runs(patient_server)[0] == runs + 1
+    assert patient_server.metric("vae_requests_total", method="Decode", code="RESOURCE_EXHAUSTED") >= 1
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_never_runs(patient_server: ServerThread) -> None:
+    runs, _ = decoder_runs(patient_server)
+    with VaeClient(patient_server.target, retries=0) as client:
+        with pytest.raises(VaeError) as raised:
+            client.decode(np.zeros((1, 20), np.float32), timeout_s=0.2)  # the batch would start after 1.5 s
+        assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: patient_server.metric("vae_queue_depth", graph="decoder") == 0, what="the queue to empty")
+    wait_until(lambda: patient_server.metric("vae_inflight_requests") == 0, what="no request in flight")
+    assert decoder_runs(patient_server)[0] == runs  # dropped before running
+    assert patient_server.metric("vae_requests_total", method="Decode", code="DEADLINE_EXCEEDED") == 1
+
+
+def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_repository: Path) -> None:
+    with running_server(exported_repository, max_delay_ms=0) as server, VaeClient(server.target) as client:
+        client.encode(np.zeros((3, 1, 28, 28), np.float32))
+        client.encode(np.zeros((2, 1, 28, 28), np.float32))
+        client.decode(np.zeros((5, 20), np.float32))
+        client.sample(4, seed=1)
+        list(client.sample_stream(10, seed=1))
+        client.interpolate(np.zeros((2, 1, 28, 28), np.float32), np.ones((2, 1, 28, 28), np.float32), steps=3)
+        client.model_info()
+        with pytest.raises(VaeError):
+            client.decode(np.zeros((1, 3), np.float32))
+        samples = scrape(server.metrics_url)
+
+    def value(metric: str, **labels: str) -> float:
+        matches = [v for sample_labels, v in samples.get(metric, []) if labels.items() <= sample_labels.items()]
+        assert len(matches) == 1, f"{metric} {labels}: {matches}"
+        return matches[0]
+
+    ok = {"Encode": 2, "Decode": 1, "Sample": 1, "SampleStream": 1, "Interpolate": 1, "GetModelInfo": 1}
+    for method in METHODS:
+        assert value("vae_requests_total", method=method, code="OK") == ok[method]
+        assert value("vae_request_duration_seconds_count", method=method) == ok[method] + (method == "Decode")
+    assert value("vae_requests_total", method="Decode", code="INVALID_ARGUMENT") == 1
+    items = {"Encode": 5, "Decode": 5, "Sample": 4, "SampleStream": 10, "Interpolate": 6, "GetModelInfo": 0}
+    for method, count in items.items():
+        assert value("vae_request_items_sum", method=method) == count
+    assert value("vae_batch_rows_sum", graph="encoder") == 3 + 2 + 4  # interpolate encodes its 2 + 2 endpoints
+    assert value("vae_batch_rows_sum", graph="decoder") == 5 + 4 + 10 + 6
+    assert value("vae_batch_rows_count", graph="encoder") == 3  # delay 0 and sequential calls: one run each
+    for graph in GRAPHS:
+        runs = value("vae_batch_rows_count", graph=graph)
+        assert value("vae_inference_seconds_count", graph=graph) == runs
+        assert value("vae_queue_wait_seconds_count", graph=graph) == runs  # one request per run here
+        assert value("vae_queue_depth", graph=graph) == 0
+    assert value("vae_inflight_requests") == 0
+    assert value("vae_model_info", name="vae-mnist", version="1", provider="CPUExecutionProvider") == 1
+    assert "process_cpu_seconds_total" in samples and "python_info" in samples
+
+
+def test_concurrent_clients_all_get_their_own_answers(vae_server: ServerThread, exported_repository: Path) -> None:
+    """A burst from many threads through the shared server: every answer matches its own request."""
+    graphs = DirectGraphs(exported_repository)
+    latents = np.random.default_rng(9).standard_normal((64, 20)).astype(np.float32)
+    errors: list[BaseException] = []
+
+    def call(index: int, client: VaeClient) -> None:
+        try:
+            image = client.decode(latents[index : index + 1])
+            np.testing.assert_allclose(image, graphs.decode(latents[index : index + 1]), atol=1e-5)
+        except BaseException as error:
+            errors.append(error)
+
+    with VaeClient(vae_server.target) as client:
+        threads = [threading.Thread(target=call, args=(i, client)) for i in range(64)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not errors
+
+
+def test_request_logging_writes_one_json_line_per_request(
+    exported_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="serving.service")
+    with running_server(exported_repository, log_requests=True) as server, VaeClient(server.target) as client:
+        client.sample(3, seed=0)
+        with pytest.raises(VaeError):
+            client.sample(0)
+    lines = [record for record in caplog.records if record.getMessage() == "request"]
+    fields = [record.__dict__["fields"] for record in lines]  # the `extra` of each log call
+    assert [(f["method"], f["code"], f["items"]) for f in fields] == [
+        ("Sample", "OK", 3),
+        ("Sample", "INVALID_ARGUMENT", None),
+    ]
+    assert all(f["duration_ms"] >= 0 for f in fields)

@@ -1,0 +1,223 @@
+"""The server as a process (start-up, failures, SIGTERM drain) and the client CLI as users run them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving import client as client_cli
+from serving.client import VaeClient, VaeError
+from serving.server import StartupError, start_server
+from tests.serving_helpers import DirectGraphs, ServerThread, scrape, server_config, wait_until
+
+
+class ServerProcess:
+    """`python -m serving.server` on free ports; its JSON log lines are collected from stderr."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "serving.server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        self.process = subprocess.Popen([*command, *args], stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if '"event": "server_started"' in line:
+                started = json.loads(line)
+                self.target = started["grpc_address"]
+                self.metrics_url = f"http://{started['metrics_address']}/metrics"
+                self.started.set()
+
+    def wait_started(self) -> None:
+        if not self.started.wait(timeout=60):
+            self.process.kill()
+            raise AssertionError("server did not start:\n" + "".join(self.lines))
+
+    def finish(self, timeout_s: float = 30) -> int:
+        code = self.process.wait(timeout=timeout_s)
+        self.reader.join(timeout=5)
+        return code
+
+
+@pytest.fixture
+def server_process(exported_repository: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(
+        "--model-dir",
+        str(exported_repository),
+        "--max-delay-ms",
+        "2000",
+        "--grace-seconds",
+        "10",
+        "--intra-op-threads",
+        "1",
+    )
+    try:
+        server.wait_started()
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=10)
+
+
+def test_sigterm_during_a_burst_loses_no_accepted_request_and_exits_0(
+    server_process: ServerProcess, exported_repository: Path
+) -> None:
+    latents = np.random.default_rng(0).standard_normal((16, 20)).astype(np.float32)
+    stop_looping = threading.Event()
+    loop_codes: list[grpc.StatusCode] = []
+
+    def keep_calling() -> None:  # the rest of the burst: answered, or refused with UNAVAILABLE, nothing else
+        with VaeClient(server_process.target, retries=0, timeout_s=20) as client:
+            while not stop_looping.is_set():
+                try:
+                    client.decode(latents[:1])
+                    loop_codes.append(grpc.StatusCode.OK)
+                except VaeError as error:
+                    loop_codes.append(error.code)
+                    return
+
+    with VaeClient(server_process.target, retries=0, timeout_s=20) as client, ThreadPoolExecutor(20) as pool:
+        loopers = [pool.submit(keep_calling) for _ in range(4)]
+        accepted = [pool.submit(client.decode, latents[i : i + 1]) for i in range(16)]
+        # all 16, and one call of each looper, are queued (a batch waits up to 2 s for 64 rows) when the signal comes
+        wait_until(lambda: _queued_rows(server_process) == 20, what="20 rows queued")
+        server_process.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: _draining(server_process.target), what="health to leave SERVING")
+        with pytest.raises(VaeError) as refused:
+            client.decode(latents[:1])
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        answers = [future.result(timeout=30) for future in accepted]
+        stop_looping.set()
+        for looper in loopers:
+            looper.result(timeout=30)
+
+    expected = DirectGraphs(exported_repository).decode(latents)
+    np.testing.assert_allclose(np.concatenate(answers), expected, atol=1e-5)
+    assert set(loop_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, loop_codes
+    assert loop_codes.count(grpc.StatusCode.OK) >= 4  # the loopers' queued calls were accepted, so answered
+    assert server_process.finish() == 0
+    events = [json.loads(line)["event"] for line in server_process.lines if line.startswith("{")]
+    assert events[-3:] == ["server_started", "server_draining", "server_stopped"]
+
+
+def _queued_rows(server: ServerProcess) -> float:
+    samples = scrape(server.metrics_url)
+    return sum(value for labels, value in samples["vae_queue_depth"] if labels["graph"] == "decoder")
+
+
+def _draining(target: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.UNAVAILABLE
+    return reply.status != health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_model_that_fails_verification_stops_start_up(exported_repository: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "vae-mnist"
+    shutil.copytree(exported_repository, broken)
+    with (broken / "1" / "decoder.onnx").open("ab") as graph:
+        graph.write(b"tampered")
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.server", "--model-dir", str(broken), "--port", "0", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "decoder.onnx: sha256 mismatch" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_model_directory_stops_start_up(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.server", "--port", "0", "--metrics-port", "0"],
+        env={"VAE_MODEL_DIR": str(tmp_path / "nowhere"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'}: model directory not found"
+
+
+def test_a_taken_port_stops_start_up(exported_repository: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"cannot listen for gRPC on 127.0.0.1:{port}"):
+            asyncio.run(start_server(server_config(exported_repository, port=port)))
+
+
+def test_cli_sample_writes_a_png_grid(
+    vae_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "samples.png"
+    argv = ["--target", vae_server.target, "sample", "-n", "64", "--seed", "1", "-o", str(output)]
+    assert client_cli.main(argv) == 0
+    assert capsys.readouterr().out == f"wrote {output}: 64 samples (seed 1)\n"
+    with Image.open(output) as image:
+        assert image.mode == "L" and image.size == (8 * 30 + 2, 8 * 30 + 2)  # 8 x 8 digits, 2-pixel gaps
+        first = np.asarray(image)
+    assert client_cli.main([*argv[:-1], str(tmp_path / "again.png")]) == 0
+    with Image.open(tmp_path / "again.png") as again:
+        np.testing.assert_array_equal(np.asarray(again), first)  # same seed, same picture
+
+
+def test_cli_interpolate_writes_a_strip(
+    vae_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in (("a.png", 0), ("b.png", 255)):
+        Image.fromarray(np.full((56, 56), value, np.uint8)).save(tmp_path / name)  # resized to 28 x 28
+    output = tmp_path / "strip.png"
+    argv = ["--target", vae_server.target, "interpolate", str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert client_cli.main([*argv, "--steps", "10", "-o", str(output)]) == 0
+    assert "10 images" in capsys.readouterr().out
+    with Image.open(output) as image:
+        assert image.size == (10 * 30 + 2, 32)
+
+
+def test_cli_info_prints_the_model_as_json(vae_server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    assert client_cli.main(["--target", vae_server.target, "info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["name"], info["version"], info["latent_dim"], info["health"]) == ("vae-mnist", 1, 20, "SERVING")
+
+
+def test_cli_errors_are_one_line_without_traceback(
+    vae_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert client_cli.main(["--target", vae_server.target, "sample", "-n", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {vae_server.target}: INVALID_ARGUMENT: num_samples must be at least 1, got 0\n"
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    assert client_cli.main(["--target", f"127.0.0.1:{port}", "--timeout", "5", "info"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: 127.0.0.1:{port}: UNAVAILABLE") and err.count("\n") == 1
+    assert client_cli.main(["--target", vae_server.target, "interpolate", "missing.png", "b.png"]) == 1
+    assert capsys.readouterr().err == "error: No such file or directory: missing.png\n"
