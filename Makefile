@@ -10,19 +10,29 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := proto/vae/v1/vae.proto
 PROTO_OUT := serving/proto/vae/v1/vae_pb2_grpc.py
 
-
 RUN ?= $(shell ls -td runs/*/ 2>/dev/null | head -1)
 RUNS_DIR ?= runs
 REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: help install proto serve test lint format train run export clean
+.PHONY: help install system-deps proto serve test lint format train run export clean deploy-check image
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(STAMP) $(PROTO_OUT) ## create .venv with the project, its training and dev extras, and the gRPC code (quick when done)
+install: system-deps $(STAMP) $(PROTO_OUT) ## create .venv with the project, its training and dev extras, and the gRPC code (quick when done)
+
+# Debian packages the tests use for real: Prometheus + promtool (monitoring tests) and Fashion-MNIST (data
+# loader tests). Installed with apt-get where missing, saying so.
+SYSTEM_PACKAGES := prometheus dataset-fashion-mnist
+system-deps: ## install the Debian packages the tests need (prometheus, dataset-fashion-mnist) where missing
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +47,15 @@ $(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
 
 test: install lint ## lint, then the whole test suite (what CI runs)
 	$(PY) -m pytest
+
+deploy-check: install ## render + validate the k8s manifests, alert rules (promtool), dashboard and Dockerfile
+	$(PY) -m pytest tests/test_deploy.py
+
+MODEL ?=
+IMAGE ?= vae-server
+TARGET ?= gpu
+image: ## build the server image (TARGET=gpu|cpu; MODEL=models/vae-mnist bakes the model in; needs Docker)
+	docker build -f deploy/docker/Dockerfile --target $(TARGET) $(if $(MODEL),--build-arg MODEL=$(MODEL)) -t $(IMAGE):$(TARGET) .
 
 lint: install ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .

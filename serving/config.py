@@ -140,6 +140,15 @@ class ServerConfig:
             "VAE_GRACE_SECONDS", "on SIGTERM/SIGINT, how long requests in flight may take to finish", float, metavar="S"
         ),
     )
+    max_connection_age_seconds: float = field(
+        default=300.0,
+        metadata=_option(
+            "VAE_MAX_CONNECTION_AGE_SECONDS",
+            "close client connections after this long (gracefully), so clients re-resolve and spread over new pods",
+            float,
+            metavar="S",
+        ),
+    )
     log_requests: bool = field(
         default=False, metadata=_option("VAE_LOG_REQUESTS", "log one JSON line per request", _parse_bool)
     )
@@ -156,7 +165,7 @@ class ServerConfig:
         for name in ("port", "metrics_port"):
             if getattr(self, name) > 65535:
                 raise ConfigError(f"{_source(name)} must be a port number (0..65535), got {getattr(self, name)}")
-        for name in ("max_delay_ms", "grace_seconds"):
+        for name in ("max_delay_ms", "grace_seconds", "max_connection_age_seconds"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ConfigError(f"{_source(name)} must be a finite number >= 0, got {getattr(self, name)}")
         if self.model_version is not None and self.model_version < 1:

@@ -97,12 +97,17 @@ class RunningServer:
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    """Channel options of the server: explicit message size limits (gRPC answers RESOURCE_EXHAUSTED beyond)."""
-    return [
+    """Channel options of the server: explicit message size limits (gRPC answers RESOURCE_EXHAUSTED beyond),
+    and a maximum connection age, after which clients reconnect (and client-side balancers see new pods)."""
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
     ]
+    if config.max_connection_age_seconds > 0:  # 0: connections live as long as the client keeps them
+        age_ms = int(config.max_connection_age_seconds * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+    return options
 
 
 async def start_server(config: ServerConfig) -> RunningServer:

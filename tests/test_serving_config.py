@@ -72,3 +72,13 @@ def test_server_exits_2_with_one_line_for_a_bad_variable() -> None:
     )
     assert result.returncode == 2
     assert result.stderr == "error: VAE_MAX_BATCH_SIZE='lots' is not an integer\n"
+
+
+def test_connection_age_becomes_grpc_server_options() -> None:
+    from serving.server import grpc_options
+
+    options = dict(grpc_options(load(["--max-connection-age-seconds", "1.5"], {})))
+    assert options["grpc.max_connection_age_ms"] == 1500 and options["grpc.max_connection_age_grace_ms"] == 1500
+    assert "grpc.max_connection_age_ms" not in dict(grpc_options(load([], {"VAE_MAX_CONNECTION_AGE_SECONDS": "0"})))
+    with pytest.raises(ConfigError, match="max-connection-age-seconds"):
+        load(["--max-connection-age-seconds", "-1"], {})

@@ -1,0 +1,183 @@
+"""A real Prometheus scrapes a real server under traffic; every dashboard and alert expression is evaluated.
+
+Prometheus (Debian package `prometheus`, installed by `make install`) runs on a free loopback port with a
+generated config that scrapes the test server every second, labelled the way the ServiceMonitor labels it in
+a cluster (job, namespace, pod). Bounded: a few hundred requests over a few seconds, all to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from serving.client import VaeClient, VaeError
+from tests.serving_helpers import ServerThread, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+RATE_WINDOW = "20s"  # stands in for Grafana's $__rate_interval at a 1 s scrape interval
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query; fails the test on a PromQL error (the expression must parse and evaluate)."""
+        try:
+            reply = self.get("/api/v1/query", query=expr)
+        except urllib.error.HTTPError as exc:  # 400 carries Prometheus' own message
+            raise AssertionError(f"{expr!r}: {exc.read().decode()}") from None
+        assert reply["status"] == "success", (expr, reply)
+        return reply["data"]["result"]
+
+
+@pytest.fixture(scope="module")
+def server(exported_repository: Path) -> Iterator[ServerThread]:
+    with running_server(exported_repository, max_delay_ms=2.0) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def prometheus(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed: `make install` installs the Debian package"
+    directory = tmp_path_factory.mktemp("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "vae-server",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{server.running.metrics_port}"],
+                        "labels": {"namespace": "vae", "pod": "vae-server-0"},
+                    }
+                ],
+            }
+        ],
+    }
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(directory / "prometheus.log").open("w"),
+    )
+    client = Prometheus(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                targets = client.get("/api/v1/targets")["data"]["activeTargets"]
+                if targets and targets[0]["health"] == "up":
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, (directory / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "Prometheus did not scrape the server within 30 s"
+            time.sleep(0.2)
+        yield client
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def traffic(server: ServerThread, prometheus: Prometheus) -> dict[str, int]:
+    """Every RPC, some bad requests, spread over ~6 s so that rates over a 20 s window have several points."""
+    sent = {"Sample": 0, "Decode": 0, "Encode": 0, "Interpolate": 0, "GetModelInfo": 0, "invalid": 0}
+    with VaeClient(server.target, retries=0) as client:
+        latent_dim = client.model_info().latent_dim
+        for round_ in range(12):
+            images, latents = client.sample(8, seed=round_)
+            client.decode(latents)
+            client.encode(images)
+            client.interpolate(latents[:2], latents[2:4], steps=5)
+            client.model_info()
+            for name in ("Sample", "Decode", "Encode", "Interpolate", "GetModelInfo"):
+                sent[name] += 1
+            with pytest.raises(VaeError):
+                client.decode(np.zeros((1, latent_dim + 1), np.float32))
+            sent["invalid"] += 1
+            time.sleep(0.5)
+    # Two more scrapes, so the last requests are in Prometheus too.
+    time.sleep(2.5)
+    return sent
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    board = json.loads((DEPLOY / "grafana" / "vae-service.json").read_text())
+    return [(panel["title"], target["expr"]) for panel in board["panels"] for target in panel.get("targets", [])]
+
+
+def as_query(expr: str) -> str:
+    """Grafana's variables as an 'All' selection, and $__rate_interval as a window fit for this scrape rate."""
+    return expr.replace("$namespace", ".*").replace("$pod", ".*").replace("$__rate_interval", RATE_WINDOW)
+
+
+@pytest.mark.parametrize(("title", "expr"), dashboard_targets(), ids=lambda value: str(value)[:60])
+def test_every_dashboard_query_returns_series(prometheus: Prometheus, traffic: dict, title: str, expr: str) -> None:
+    result = prometheus.query(as_query(expr))
+    assert result, f"panel {title!r}: {expr} returned no series"
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((DEPLOY / "prometheus" / "prometheusrule.yaml").read_text())["spec"]["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
+def test_every_alert_expression_evaluates_on_the_servers_metrics(
+    prometheus: Prometheus, traffic: dict, rule: dict
+) -> None:
+    expr = rule["expr"].replace("[5m]", f"[{RATE_WINDOW}]")
+    prometheus.query(expr)  # parses and evaluates; a healthy server fires nothing
+    # Every series the alert reads exists under that name and those labels: no alert watches a typo.
+    for selector in re.findall(r"\b(?:vae_[a-z_]+|up)\{[^}]*\}", expr):
+        name, labels = selector.split("{", 1)
+        labels = ",".join(part for part in labels.rstrip("}").split(",") if "code" not in part)
+        assert prometheus.query(f"{name}{{{labels}}}"), f"{rule['alert']}: {selector} matches no series"
+
+
+def test_scraped_counts_match_the_traffic_sent(prometheus: Prometheus, traffic: dict) -> None:
+    def total(expr: str) -> float:
+        return sum(float(sample["value"][1]) for sample in prometheus.query(expr))
+
+    for method in ("Sample", "Encode", "Interpolate", "GetModelInfo"):
+        ok = total(f'vae_requests_total{{job="vae-server", method="{method}", code="OK"}}')
+        # GetModelInfo is also asked once up front for the latent size.
+        assert ok == traffic[method] + (method == "GetModelInfo"), method
+    assert total('vae_requests_total{method="Decode", code="OK"}') == traffic["Decode"]
+    assert total('vae_requests_total{method="Decode", code="INVALID_ARGUMENT"}') == traffic["invalid"]
+    assert total('vae_model_info{namespace="vae", pod="vae-server-0"}') == 1
+    assert total("up{job='vae-server'}") == 1
