@@ -1,11 +1,12 @@
 """Samples/s of the VAE's decoder and encoder: PyTorch eager against onnxruntime on the CPU provider.
 
-    python bench/onnx_vs_torch.py [--checkpoint runs/smoke/best.pt] [--threads 2] [--repeats 7]
+    python -m bench.onnx_vs_torch [--checkpoint runs/smoke/best.pt] [--threads 2] [--repeats 7]
 
 Variants, each at batch 1, 64 and 1024:
 - torch eager: `torch.inference_mode()`, `torch.set_num_threads(--threads)`;
 - ort default: `InferenceSession(bytes)` with default session options;
-- ort tuned: the options `serving` should use (`tuned_session_options`);
+- ort tuned: the options the server uses (`serving.runtime.session_options`): one inter-op thread,
+  sequential execution, intra-op threads not spinning when idle, all graph optimizations;
 - ort tuned, offline-optimized: the same options on a graph that onnxruntime optimized ahead of time
   (the issue's optional optimized copy; EXTENDED level, the portable one).
 The variants run interleaved (one timed block of each per round, in a shuffled order, `--repeats` rounds),
@@ -28,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from serving.runtime import RuntimeOptions, session_options
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.export import export_graphs
 from training.model import VAE, VAEConfig
@@ -36,18 +38,8 @@ BATCH_SIZES = (1, 64, 1024)
 
 
 def tuned_session_options(threads: int) -> ort.SessionOptions:
-    """What measurably helps this small convolutional graph on a CPU shared with other processes."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads  # one pool sized to the cores we may use, not every core
-    options.inter_op_num_threads = 1  # the graphs are a chain: nothing runs in parallel across nodes
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # incl. NCHWc conv layouts
-    options.enable_mem_pattern = True  # reuse the planned buffers across runs of one shape
-    options.enable_cpu_mem_arena = True
-    # Idle pool threads spinning for work steal the cores the others need when the machine is shared
-    # (here: 2 cores, other processes): halving throughput at batch 64. Sleeping threads cost ~µs per run.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+    """The options the server runs with (serving.runtime), on the CPU with `threads` intra-op threads."""
+    return session_options(RuntimeOptions(provider="cpu", intra_op_threads=threads))
 
 
 def offline_optimized(graph: bytes) -> bytes:

@@ -76,8 +76,8 @@ class ModelRuntime:
             self.decoder.run(np.zeros((rows, self.model.latent_dim), np.float32))
 
 
-def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
-    """Sessions for both graphs on the chosen provider; raises ProviderUnavailable for an unusable `cuda`."""
+def session_options(options: RuntimeOptions) -> ort.SessionOptions:
+    """The onnxruntime session options the server runs with (bench/onnx_vs_torch.py measures them)."""
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = options.intra_op_threads
     session_options.inter_op_num_threads = 1  # these graphs are chains: no parallel branches to run
@@ -87,7 +87,11 @@ def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session_options.graph_optimization_level = _OPTIMIZATION_LEVELS[options.graph_optimization]
     session_options.log_severity_level = 3  # errors only: a CUDA fallback is reported by us, once
+    return session_options
 
+
+def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
+    """Sessions for both graphs on the chosen provider; raises ProviderUnavailable for an unusable `cuda`."""
     wants_cuda = options.provider in ("auto", "cuda")
     offered = ort.get_available_providers()
     if options.provider == "cuda" and CUDA not in offered:
@@ -101,7 +105,7 @@ def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
     ort.set_default_logger_severity(4 if options.provider == "auto" else 3)
     try:
         encoder, decoder = (
-            GraphRunner(spec, ort.InferenceSession(spec.model_bytes, session_options, providers=providers))
+            GraphRunner(spec, ort.InferenceSession(spec.model_bytes, session_options(options), providers=providers))
             for spec in (model.encoder, model.decoder)
         )
     finally:
