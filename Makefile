@@ -16,7 +16,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: help install system-deps proto serve test lint format train run export clean deploy-check image
+.PHONY: beta-sweep bench-train help install system-deps proto serve test lint format train run export clean deploy-check image
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -81,8 +81,23 @@ serve: install ## serve the newest version of $(REPOSITORY)/$(NAME) over gRPC (V
 	@echo "try: $(PY) -m serving.client --target localhost:$(or $(VAE_GRPC_PORT),50051) sample -n 64 --seed 1 -o samples.png"
 	$(PY) -m serving.server --model-dir $(SERVE_MODEL_DIR) $(ARGS)
 
-run: install ## quickstart: train a quick model
-	$(PY) -m training.train --dataset $(DATASET) --epochs 10 --out $(RUNS_DIR)/quickstart
+QUICKSTART_RUN := $(RUNS_DIR)/quickstart
+run: install ## quickstart: train + export a quick model if $(REPOSITORY)/$(NAME) has none, then serve it
+	@if compgen -G "$(REPOSITORY)/$(NAME)/[0-9]*/model.json" >/dev/null; then \
+	  echo "using the model in $(REPOSITORY)/$(NAME) (newest version); 'make train export' makes a new one"; \
+	else \
+	  echo "no model in $(REPOSITORY)/$(NAME) yet: training a quick one (30 epochs) into $(QUICKSTART_RUN), then exporting it"; \
+	  $(PY) -m training.train --dataset $(DATASET) --epochs 30 --out $(QUICKSTART_RUN) && \
+	  $(PY) -m training.export --checkpoint $(QUICKSTART_RUN)/best.pt --repository $(REPOSITORY) --name $(NAME); \
+	fi
+	@$(MAKE) --no-print-directory serve
+
+beta-sweep: install ## the beta study: beta in {0.5,1,2,4,8} on mnist-5k → runs/beta-sweep/beta_sweep.{md,json,png}
+	$(PY) -m training.beta_sweep --out $(RUNS_DIR)/beta-sweep
+
+bench-train: install ## training benchmarks: samples/s vs the tutorial loop, then quality vs the tutorial recipe
+	$(PY) -m bench.train_speed
+	$(PY) -m bench.train_quality
 
 clean: ## remove the venv, caches and build outputs (keeps runs/ and models/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,341 @@
+"""Train the VAE and write a run directory.
+
+    python -m training.train --dataset mnist-5k --epochs 1 --out runs/smoke        (also `vae-train`)
+    python -m training.train --resume runs/smoke/last.pt --epochs 5                (continue that run)
+
+The run directory gets config.json, metrics.jsonl (one line per epoch), last.pt (every epoch), best.pt
+(lowest validation loss), evaluation.json (training.evaluate on the best checkpoint) and the pictures.
+Every option is a field of TrainConfig; the command line is generated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.data import DATASETS, DataError, Dataset, load_dataset
+from training.evaluate import elbo_terms, evaluate
+from training.model import VAE, VAEConfig, vae_loss
+
+
+def option(default: Any, help: str) -> Any:
+    """A TrainConfig field whose help text is also its --flag's help."""
+    return field(default=default, metadata={"help": help})
+
+
+MIN_IMPROVEMENT = 1e-3  # nats: a smaller drop of the validation loss does not reset early stopping
+
+
+class ConfigError(ValueError):
+    """A TrainConfig value is out of range."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; the defaults are the default recipe (measured in bench/train_quality.py)."""
+
+    dataset: str = option("auto", f"dataset: {' | '.join(DATASETS)}")
+    data_dir: str | None = option(None, "directory with the raw MNIST / Fashion-MNIST files (default: data/)")
+    out: str = option("runs/default", "run directory (created)")
+    epochs: int = option(100, "maximum epochs; early stopping usually ends sooner")
+    batch_size: int = option(64, "images per step")
+    lr: float = option(2e-3, "peak Adam learning rate")
+    lr_schedule: str = option("cosine", "cosine (decays to min_lr at the last epoch) | constant")
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine schedule")
+    beta: float = option(1.0, "weight of the KL term (beta-VAE); 1 is the true ELBO")
+    warmup_epochs: int = option(10, "KL warm-up: beta grows linearly over this many epochs (0: none)")
+    patience: int = option(10, "stop after this many epochs without a better validation loss (0: never)")
+    latent_dim: int = option(20, "size of z")
+    seed: int = option(0, "seed of initialization, shuffling and sampling")
+    split_seed: int = option(0, "seed of the train/validation split (keep it fixed to compare runs)")
+    device: str = option("auto", "auto | cpu | cuda")
+    precision: str = option("auto", "auto (bf16 where the hardware has it) | bf16 | fp32; evaluation is always fp32")
+    limit: int | None = option(None, "train on only the first N training images (quick runs, tests)")
+    resume: str | None = option(None, "checkpoint (last.pt) to continue; its config is the base for this run")
+    eval_iwae_samples: int = option(1000, "evaluation at the end: importance samples per image")
+    eval_iwae_images: int = option(200, "evaluation at the end: test images in the IWAE estimate")
+    plot_points: int = option(2000, "test images in the PCA / t-SNE latent pictures")
+    plots: bool = option(True, "draw the pictures at the end")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0 and self.min_lr >= 0, f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}"),
+            (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant: {self.lr_schedule}"),
+            (self.beta >= 0 and math.isfinite(self.beta), f"beta must be a finite number >= 0, got {self.beta}"),
+            (self.warmup_epochs >= 0 and self.patience >= 0, "warmup_epochs and patience must be >= 0"),
+            (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32: {self.precision}"),
+            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (self.eval_iwae_samples >= 0 and self.eval_iwae_images >= 0, "eval_iwae_* must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def beta_at(self, epoch: int) -> float:
+        """Beta during epoch `epoch` (0-based): linear warm-up reaching `beta` in the last warm-up epoch."""
+        return self.beta * min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs else self.beta
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate during epoch `epoch` (0-based)."""
+        if self.lr_schedule == "constant" or self.epochs == 1:
+            return self.lr
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * epoch / (self.epochs - 1)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA GPU is available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where the hardware runs it fast: CUDA with bf16, or a CPU with AMX / AVX512-BF16
+    (there it measured ~1.4x faster; see bench/train_speed.py). Elsewhere it would be slower than fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def shuffled_batches(images: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of batches: a seeded permutation, then tensor indexing (no DataLoader, no per-sample work)."""
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    for start in range(0, len(images), batch_size):
+        yield images[order[start : start + batch_size]].contiguous(memory_format=torch.channels_last)
+
+
+TrainStep = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_train_step(model: VAE, optimizer: torch.optim.Optimizer, bf16: bool) -> TrainStep:
+    """One optimizer step on a batch; returns detached (reconstruction, KL) so nothing syncs per step."""
+    device_type = next(model.parameters()).device.type
+
+    def step(batch: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            logits, mu, log_var = model(batch)
+        terms = vae_loss(logits, batch, mu, log_var, beta)  # in fp32 (vae_loss upcasts)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        return terms.reconstruction.detach(), terms.kl.detach()
+
+    return step
+
+
+def make_optimizer(model: VAE, lr: float) -> torch.optim.Adam:
+    # fused Adam: one kernel over all parameters instead of a Python loop (measured faster on CPU too)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run a training as configured; returns the evaluation of the best checkpoint."""
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    resumed = load_checkpoint(Path(config.resume)) if config.resume else None
+    dataset = load_dataset(config.dataset, config.data_dir, config.split_seed).to(device)
+    config = replace(config, dataset=dataset.name) if config.dataset == "auto" else config
+    train_images = dataset.train.head(config.limit).images.contiguous(memory_format=torch.channels_last)
+
+    torch.manual_seed(config.seed)
+    model = (model_from_checkpoint(resumed) if resumed else VAE(VAEConfig(latent_dim=config.latent_dim))).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    state = {"best_val_loss": math.inf, "epochs_without_improvement": 0}
+    start_epoch = 0
+    if resumed:
+        if "optimizer" not in resumed or "extra" not in resumed:
+            raise CheckpointError(f"cannot resume from {config.resume}: it holds no optimizer state (use last.pt)")
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_epoch = resumed["epoch"]
+        extra = resumed["extra"]
+        state = {key: extra[key] for key in state}
+        torch.set_rng_state(extra["rng_state"])
+        generator.set_state(extra["data_rng_state"])
+        if device.type == "cuda" and "cuda_rng_state" in extra:
+            torch.cuda.set_rng_state(extra["cuda_rng_state"], device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    history = [row for row in read_metrics(out / "metrics.jsonl") if row["epoch"] <= start_epoch]
+    write_metrics(out / "metrics.jsonl", history)
+    bf16 = use_bf16(config.precision, device)
+    step = make_train_step(model, optimizer, bf16)
+    sizes = f"{len(train_images)} train / {len(dataset.validation)} validation images"
+    print(
+        f"training on {dataset.name} ({sizes}), {device}, {'bf16' if bf16 else 'fp32'}, run dir {out}", file=sys.stderr
+    )
+
+    for epoch in range(start_epoch, config.epochs):
+        if config.patience and state["epochs_without_improvement"] >= config.patience:
+            break
+        row = run_epoch(model, step, optimizer, train_images, dataset, config, epoch, generator)
+        history.append(row)
+        improved = row["val_loss"] < state["best_val_loss"] - MIN_IMPROVEMENT
+        if improved:
+            state["best_val_loss"] = row["val_loss"]
+            state["epochs_without_improvement"] = 0
+        elif epoch + 1 > config.warmup_epochs:  # the loss keeps changing meaning while beta warms up
+            state["epochs_without_improvement"] += 1
+        fields_ = {
+            "train_config": asdict(config),
+            "dataset": dataset.name,
+            "epoch": epoch + 1,
+            "metrics": {key: value for key, value in row.items() if key.startswith("val_")},
+            "optimizer": optimizer.state_dict(),
+            "extra": {
+                **state,
+                "rng_state": torch.get_rng_state(),
+                "data_rng_state": generator.get_state(),
+                **({"cuda_rng_state": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            },
+        }
+        with (out / "metrics.jsonl").open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        if improved:
+            save_checkpoint(out / "best.pt", model, **fields_)
+        save_checkpoint(out / "last.pt", model, **fields_)
+        if config.patience and state["epochs_without_improvement"] >= config.patience:
+            tqdm.write(f"early stop: no better validation loss for {config.patience} epochs", file=sys.stderr)
+            break
+
+    best = model_from_checkpoint(load_checkpoint(out / "best.pt", map_location=device)).to(device)
+    result = evaluate(best, dataset, config.eval_iwae_samples, config.eval_iwae_images, seed=config.seed)
+    (out / "evaluation.json").write_text(json.dumps(result) + "\n")
+    if config.plots:
+        from training.plots import draw_all
+
+        draw_all(best, dataset, history, out, plot_points=config.plot_points, seed=config.seed)
+    return result
+
+
+def run_epoch(
+    model: VAE,
+    step: TrainStep,
+    optimizer: torch.optim.Optimizer,
+    train_images: torch.Tensor,
+    dataset: Dataset,
+    config: TrainConfig,
+    epoch: int,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Train one epoch, then validate; returns the metrics.jsonl row."""
+    beta, lr = config.beta_at(epoch), config.lr_at(epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    started = time.perf_counter()
+    sums = torch.zeros(2, device=train_images.device)
+    bar = tqdm(total=len(train_images), desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", leave=False)
+    for index, batch in enumerate(shuffled_batches(train_images, config.batch_size, generator)):
+        reconstruction, kl = step(batch, beta)
+        sums += torch.stack([reconstruction, kl]) * len(batch)
+        bar.update(len(batch))
+        if index % 10 == 0:  # the only host sync of the loop: the running loss on the bar
+            bar.set_postfix(loss=f"{(sums[0] + beta * sums[1]).item() / bar.n:.2f}")
+    bar.close()
+    if train_images.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    train_reconstruction, train_kl = (sums / len(train_images)).tolist()
+    model.eval()
+    val_reconstruction, val_kl = elbo_terms(model, dataset.validation.images, seed=config.seed)
+    row = {
+        "epoch": epoch + 1,
+        "beta": beta,
+        "lr": lr,
+        "train_reconstruction": train_reconstruction,
+        "train_kl": train_kl,
+        "train_loss": train_reconstruction + beta * train_kl,
+        "val_reconstruction": val_reconstruction,
+        "val_kl": val_kl,
+        "val_loss": val_reconstruction + config.beta * val_kl,
+        "val_neg_elbo": val_reconstruction + val_kl,
+        "seconds": seconds,
+        "samples_per_second": len(train_images) / seconds,
+    }
+    tqdm.write(
+        f"epoch {epoch + 1}: train {row['train_loss']:.2f} (rec {train_reconstruction:.2f}, kl {train_kl:.2f}) "
+        f"val {row['val_loss']:.2f} (rec {val_reconstruction:.2f}, kl {val_kl:.2f}) beta {beta:.2f} lr {lr:.2g} "
+        f"{row['samples_per_second']:,.0f} img/s",
+        file=sys.stderr,
+    )
+    return row
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One --flag per TrainConfig field; defaults are suppressed so that only the flags given override."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    types = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+        else:
+            kind = types[str(f.type)]
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext, metavar=f.name.upper())
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, or the resumed run's config, overridden by the flags given."""
+    given = vars(build_parser().parse_args(argv))
+    base: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    if given.get("resume"):
+        saved = load_checkpoint(Path(given["resume"])).get("train_config", {})
+        base.update({key: value for key, value in saved.items() if key in base})
+        base["out"] = given.get("out", str(Path(given["resume"]).parent))
+    return TrainConfig(**{**base, **given})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_from_args(argv)
+        result = train(config)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: last.pt holds the last finished epoch (continue with --resume)", file=sys.stderr)
+        return 130
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
