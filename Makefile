@@ -16,7 +16,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: beta-sweep bench-train help install system-deps proto serve test lint format train run export clean deploy-check image
+.PHONY: audit soak beta-sweep bench bench-train help install system-deps proto serve test lint format train run export clean deploy-check image
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -95,9 +95,28 @@ run: install ## quickstart: train + export a quick model if $(REPOSITORY)/$(NAME
 beta-sweep: install ## the beta study: beta in {0.5,1,2,4,8} on mnist-5k → runs/beta-sweep/beta_sweep.{md,json,png}
 	$(PY) -m training.beta_sweep --out $(RUNS_DIR)/beta-sweep
 
+bench: install ## serving sweep on $(REPOSITORY)/$(NAME) → bench/results/serving.{json,png} (~5 min), then ONNX vs torch
+	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' and 'make export' first" >&2; exit 1; }
+	$(PY) -m bench.serving --model-dir $(SERVE_MODEL_DIR)
+	$(PY) -m bench.onnx_vs_torch
+
 bench-train: install ## training benchmarks: samples/s vs the tutorial loop, then quality vs the tutorial recipe
 	$(PY) -m bench.train_speed
 	$(PY) -m bench.train_quality
+
+SOAK_SECONDS ?= 180
+soak: install ## soak the server: mixed RPCs for SOAK_SECONDS (180) on $(REPOSITORY)/$(NAME); errors, p99 and RSS drift
+	$(PY) -m bench.soak --model-dir $(SERVE_MODEL_DIR) --duration $(SOAK_SECONDS)
+
+# pip-audit lives in its own venv (build/audit-venv), so that auditing changes nothing in the audited .venv. It
+# checks the exact versions installed in .venv (pip freeze: the pins of pyproject.toml and what they resolved
+# to) against the PyPI advisory database, and fails when any package could not be checked (--strict): on a
+# machine that reaches a package index but not PyPI's JSON API, that is every package, and it says so.
+PIP_AUDIT := pip-audit==2.10.1
+audit: install ## pip-audit the installed dependencies against PyPI's advisories (needs pypi.org; see SECURITY.md)
+	test -x build/audit-venv/bin/pip-audit || { $(PYTHON) -m venv build/audit-venv && build/audit-venv/bin/pip install --quiet $(PIP_AUDIT); }
+	$(PY) -m pip freeze --exclude-editable > build/audit-requirements.txt
+	build/audit-venv/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r build/audit-requirements.txt
 
 clean: ## remove the venv, caches and build outputs (keeps runs/ and models/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

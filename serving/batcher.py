@@ -1,10 +1,18 @@
 """Dynamic batching: concurrent requests' rows merged into one model run, then split back.
 
 One `Batcher` per graph. A request's rows wait in a bounded queue; a worker task takes whole requests from
-the front until `max_batch_size` rows are gathered, or `max_delay_ms` has passed since the oldest waiting
-request arrived, runs them as one batch in a thread (onnxruntime releases the GIL, so the event loop keeps
+the front, runs them as one batch in a thread (onnxruntime releases the GIL, so the event loop keeps
 accepting requests meanwhile) and hands each request its slice of the outputs. While one batch runs, the
-next one fills: under load batches grow by themselves and the delay is rarely waited in full.
+next one fills ("continuous" batching): under load batches grow by themselves.
+
+When the worker is free and rows are queued, `batch_wait_seconds` decides whether to run them now or to
+wait (at most `max_delay_ms` after the oldest arrived) for more. With `wait="adaptive"` (the default) it
+waits only when more rows are likely soon, i.e. the last batch ended less than `max_delay_ms` before the
+oldest queued request arrived, and fewer rows are queued than `expected_rows`: the largest batch of the
+last 10 x `max_delay_ms` (the callers of recent batches are coming back), or one more than arrived while
+the last batch ran (those callers are concurrent). A lone caller, or the first request after a quiet
+spell, runs at once instead of waiting out the delay. `wait="fixed"` always waits for a full batch or the
+delay (fewest runs, most latency for light traffic).
 
 Requests larger than `max_batch_size` are split into chunks. A request whose caller went away (its future
 was cancelled) or whose deadline passed is dropped before it runs. The queue holds at most
@@ -50,13 +58,21 @@ class _NoObserver:
         pass
 
 
+WAIT_MODES = ("adaptive", "fixed")
+# How long a batch keeps counting as "recent" for the adaptive policy, in multiples of max_delay_ms.
+_PEAK_HORIZON_DELAYS = 10
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_size: int = 64  # rows per model run, at most
     max_delay_ms: float = 2.0  # how long the oldest waiting request may wait for others to join it
     max_queue_rows: int = 4096  # rows waiting, at most; beyond it requests are refused (RESOURCE_EXHAUSTED)
+    wait: str = "adaptive"  # adaptive: wait only when more rows are likely soon; fixed: always (see module doc)
 
     def __post_init__(self) -> None:
+        if self.wait not in WAIT_MODES:
+            raise ValueError(f"wait must be one of {', '.join(WAIT_MODES)}, got {self.wait!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_delay_ms < 0:
@@ -65,6 +81,37 @@ class BatchPolicy:
             raise ValueError(
                 f"max_queue_rows ({self.max_queue_rows}) must be >= max_batch_size ({self.max_batch_size})"
             )
+
+
+def batch_wait_seconds(
+    policy: BatchPolicy, queued_rows: int, oldest_waited_s: float, expected_rows: int, previous_gap_s: float
+) -> float:
+    """How much longer the free worker should wait before running the queued rows (0: run them now).
+
+    `oldest_waited_s`: how long the oldest queued request has waited. `expected_rows`: what recent traffic
+    predicts (`expected_rows()`; 0: nothing). `previous_gap_s`: time from the end of the last batch to the
+    oldest request's arrival (negative when it arrived while that batch ran). Under `adaptive`, while fewer
+    rows than expected are queued and the last batch is recent, wait for them (the callers of recent
+    batches are coming back); otherwise nobody else is expected and waiting would be pure latency. The wait
+    never goes past `max_delay_ms` after the oldest request arrived.
+    """
+    max_delay_s = policy.max_delay_ms / 1000.0
+    if queued_rows >= policy.max_batch_size or oldest_waited_s >= max_delay_s:
+        return 0.0
+    if policy.wait == "adaptive" and (queued_rows >= expected_rows or previous_gap_s > max_delay_s):
+        return 0.0
+    return max_delay_s - oldest_waited_s
+
+
+def expected_rows(policy: BatchPolicy, peak_rows: int, rows_during_run: int) -> int:
+    """The rows the adaptive policy waits for: as many as the largest recent batch (`peak_rows`).
+
+    And at least one more than arrived while the last batch ran (`rows_during_run`, 0 when the queued rows
+    came after it ended): such callers are concurrent, and running their rows at once would keep batches as
+    small as what trickles in during one run (on one core, the slowest way to serve many callers).
+    """
+    expected = max(peak_rows, rows_during_run + 1) if rows_during_run else peak_rows
+    return min(expected, policy.max_batch_size)
 
 
 @dataclass(eq=False)
@@ -95,11 +142,17 @@ class Batcher:
         self._run_fn = run_fn
         self._executor = executor
         self._observer = observer or _NoObserver()
-        self._max_delay_s = policy.max_delay_ms / 1000.0
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
         self._wakeup: asyncio.Future[None] | None = None
+        self._wake_at_rows = 1  # queued rows at which `_enqueue` wakes a sleeping worker
         self._worker: asyncio.Task[None] | None = None
+        self._previous_ended_at = float("-inf")  # when the last batch ended (loop time)
+        self._rows_queued_at_end = 0  # rows that were queued when it ended
+        # The largest recent batch (rows) and when it ended: how many rows the adaptive policy waits for.
+        self._peak_rows = 0
+        self._peak_ended_at = float("-inf")
+        self._peak_horizon_s = _PEAK_HORIZON_DELAYS * policy.max_delay_ms / 1000.0
 
     @property
     def queued_rows(self) -> int:
@@ -156,13 +209,9 @@ class Batcher:
         self._queue.append(item)
         self._queued_rows += item.size
         self._observer.queue_depth(self.graph, self._queued_rows)
-        # Wake the worker when it waits on an empty queue, or waits out the delay and the batch is now full.
+        # Wake the worker when it waits on an empty queue, or waits for rows and enough are here now.
         wakeup = self._wakeup
-        if (
-            wakeup is not None
-            and not wakeup.done()
-            and (len(self._queue) == 1 or self._queued_rows >= self.policy.max_batch_size)
-        ):
+        if wakeup is not None and not wakeup.done() and self._queued_rows >= self._wake_at_rows:
             wakeup.set_result(None)
         return item.future
 
@@ -170,13 +219,20 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                self._wake_at_rows = 1
                 await self._sleep(None)
                 continue
-            wait_s = self._queue[0].enqueued_at + self._max_delay_s - loop.time()
-            if self._queued_rows < self.policy.max_batch_size and wait_s > 0:
+            now = loop.time()
+            oldest = self._queue[0].enqueued_at
+            gap_s = oldest - self._previous_ended_at
+            during = self._rows_queued_at_end if gap_s < 0 else 0
+            expected = expected_rows(self.policy, self._peak_rows, during)
+            wait_s = batch_wait_seconds(self.policy, self._queued_rows, now - oldest, expected, gap_s)
+            if wait_s > 0:  # wake early once the expected (adaptive) or a full batch is queued
+                self._wake_at_rows = expected if self.policy.wait == "adaptive" else self.policy.max_batch_size
                 await self._sleep(wait_s)
                 continue
-            batch = self._take(loop.time())
+            batch = self._take(now)
             if batch:
                 try:
                     await self._run_batch(batch, loop)
@@ -185,6 +241,14 @@ class Batcher:
                     for item in batch:
                         if not item.future.done():
                             item.future.set_exception(exc)
+                self._batch_ended(sum(item.size for item in batch), loop.time())
+
+    def _batch_ended(self, rows: int, now: float) -> None:
+        """Remember the batch for the adaptive policy: the largest within the horizon is what it expects."""
+        self._previous_ended_at = now
+        self._rows_queued_at_end = self._queued_rows  # they arrived while it ran
+        if rows >= self._peak_rows or now - self._peak_ended_at > self._peak_horizon_s:
+            self._peak_rows, self._peak_ended_at = rows, now
 
     async def _sleep(self, timeout_s: float | None) -> None:
         """Wait until `_enqueue` wakes the worker, or `timeout_s` passes."""

@@ -10,8 +10,14 @@ In Python:
         images, latents = vae.sample(16, seed=1)       # [16,1,28,28] float32, [16,D]
         mu, log_var = vae.encode(images)
 
-Every call has a deadline (`timeout_s`). Only UNAVAILABLE is retried (by gRPC's own retry policy, with
-backoff): every VaeService method is free of side effects, and UNAVAILABLE means the request did not run.
+For a server with TLS, pass the CA that signed its certificate (`tls_ca`; without it the system's roots),
+and for mutual TLS a client certificate and key (`tls_cert`, `tls_key`); the CLI's `--tls-ca`, `--tls-cert`,
+`--tls-key` (or `VAE_TLS_CA`, `VAE_TLS_CLIENT_CERT`, `VAE_TLS_CLIENT_KEY`) do the same.
+
+Every call has a deadline (`timeout_s`). Only UNAVAILABLE and a CANCELLED sent by the server are retried (by
+gRPC's own retry policy, with backoff): every VaeService method is free of side effects, UNAVAILABLE means
+the request did not run, and a server cancels calls only when it shuts down (gRPC refuses calls that race
+its listener closing with CANCELLED, before they reach the service). A cancel by the caller is never retried.
 Failures raise `VaeError` carrying the gRPC status code and the server's message.
 """
 
@@ -54,9 +60,24 @@ def _service_config(retries: int) -> str:
         "initialBackoff": "0.1s",
         "maxBackoff": "2s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
     }
     return json.dumps({"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": policy}]})
+
+
+def channel_credentials(
+    tls_ca: Path | None = None, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust `tls_ca` (None: the system's roots), present `tls_cert`/`tls_key` (mutual TLS)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both or neither")
+
+    def read(path: Path | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
 
 
 def _wire(array: np.ndarray) -> pb.Tensor:
@@ -66,7 +87,11 @@ def _wire(array: np.ndarray) -> pb.Tensor:
 
 
 class VaeClient:
-    """Blocking client for one server (`target` as gRPC spells it: "host:port", "dns:///name:port", ...)."""
+    """Blocking client for one server (`target` as gRPC spells it: "host:port", "dns:///name:port", ...).
+
+    Plaintext unless `tls` is set or a TLS file is given: `tls_ca` (PEM CA of the server's certificate),
+    `tls_cert` and `tls_key` (the client's certificate and key, for servers that require mutual TLS).
+    """
 
     def __init__(
         self,
@@ -74,6 +99,10 @@ class VaeClient:
         timeout_s: float = 30.0,
         retries: int = 2,
         max_message_bytes: int = 64 * 1024 * 1024,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
@@ -84,7 +113,11 @@ class VaeClient:
         ]
         if retries > 0:  # gRPC wants maxAttempts >= 2 in a retry policy
             options.append(("grpc.service_config", _service_config(retries)))
-        self.channel = grpc.insecure_channel(target, options=options)
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.VaeServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -220,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=os.environ.get("VAE_TARGET", DEFAULT_TARGET), help="server address [env VAE_TARGET]"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    env = os.environ.get
+    tls = parser.add_argument_group("TLS (plaintext unless one of these is given)")
+    tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
+    tls.add_argument("--tls-ca", type=Path, default=env("VAE_TLS_CA"), help="PEM CA of the server [env VAE_TLS_CA]")
+    tls.add_argument(
+        "--tls-cert", type=Path, default=env("VAE_TLS_CLIENT_CERT"), help="client certificate [env VAE_TLS_CLIENT_CERT]"
+    )
+    tls.add_argument("--tls-key", type=Path, default=env("VAE_TLS_CLIENT_KEY"), help="its key [env VAE_TLS_CLIENT_KEY]")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample", help="draw images from the prior and save them as a PNG grid")
@@ -246,12 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with VaeClient(args.target, timeout_s=args.timeout) as client:
+        tls_files = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+        with VaeClient(args.target, timeout_s=args.timeout, tls=args.tls, **tls_files) as client:
             print(args.run(client, args))
     except VaeError as exc:
         print(f"error: {args.target}: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # reading or writing a PNG
+    except ValueError as exc:  # --tls-cert without --tls-key
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # reading or writing a PNG, reading a TLS file
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 PROVIDERS = ("auto", "cuda", "cpu")
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disable")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BATCH_WAITS = ("adaptive", "fixed")  # serving.batcher.WAIT_MODES (a test checks they agree)
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,10 @@ def _parse_optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("", "latest", "newest") else int(text)
 
 
+def _parse_optional_path(text: str) -> Path | None:
+    return None if not text.strip() else Path(text)
+
+
 def _option(
     env: str,
     help: str,
@@ -42,9 +47,13 @@ def _option(
     flag: str = "",
     metavar: str = "",
     choices: Sequence[str] = (),
+    shown_default: str = "",
 ) -> dict[str, Any]:
     """A field's CLI and environment metadata: its variable, help line, parser, flag name and choices."""
-    return {"env": env, "help": help, "parse": parse, "flag": flag, "metavar": metavar, "choices": tuple(choices)}
+    return {
+        "env": env, "help": help, "parse": parse, "flag": flag, "metavar": metavar, "choices": tuple(choices),
+        "shown_default": shown_default,
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,15 @@ class ServerConfig:
             "VAE_MAX_DELAY_MS", "how long a request may wait for others to share its batch", float, metavar="MS"
         ),
     )
+    batch_wait: str = field(
+        default="adaptive",
+        metadata=_option(
+            "VAE_BATCH_WAIT",
+            "when a batch waits up to --max-delay-ms for more rows: adaptive (only when recent traffic makes "
+            "more likely; a lone request runs at once), fixed (always, unless the batch is full)",
+            choices=BATCH_WAITS,
+        ),
+    )
     max_queue_rows: int = field(
         default=4096,
         metadata=_option(
@@ -134,6 +152,59 @@ class ServerConfig:
         default=16 * 1024 * 1024,
         metadata=_option("VAE_MAX_MESSAGE_BYTES", "gRPC message size limit, each way", int, metavar="BYTES"),
     )
+    max_concurrent_rpcs: int = field(
+        default=1000,
+        metadata=_option(
+            "VAE_MAX_CONCURRENT_RPCS",
+            "RPCs handled at once over all connections, at most; beyond it RESOURCE_EXHAUSTED",
+            int,
+            metavar="N",
+        ),
+    )
+    max_concurrent_streams: int = field(
+        default=100,
+        metadata=_option(
+            "VAE_MAX_CONCURRENT_STREAMS",
+            "HTTP/2 streams (calls) open at once on one client connection, at most; more wait in the client",
+            int,
+            metavar="N",
+        ),
+    )
+    max_sample_streams: int = field(
+        default=64,
+        metadata=_option(
+            "VAE_MAX_SAMPLE_STREAMS",
+            "SampleStream calls running at once, at most; beyond it RESOURCE_EXHAUSTED",
+            int,
+            metavar="N",
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=_option(
+            "VAE_TLS_CERT",
+            "PEM certificate (chain) of the gRPC port; with --tls-key it turns TLS on (none: plaintext)",
+            _parse_optional_path,
+            metavar="FILE",
+            shown_default="none (plaintext)",
+        ),
+    )
+    tls_key: Path | None = field(
+        default=None,
+        metadata=_option(
+            "VAE_TLS_KEY", "PEM private key of --tls-cert", _parse_optional_path, metavar="FILE", shown_default="none"
+        ),
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_option(
+            "VAE_TLS_CLIENT_CA",
+            "PEM CA certificate(s): clients must present a certificate it signed (mutual TLS)",
+            _parse_optional_path,
+            metavar="FILE",
+            shown_default="none (no client certificates)",
+        ),
+    )
     grace_seconds: float = field(
         default=10.0,
         metadata=_option(
@@ -158,6 +229,7 @@ class ServerConfig:
         at_least = {
             "port": 0, "metrics_port": 0, "intra_op_threads": 0, "max_batch_size": 1, "max_items_per_request": 1,
             "max_interpolation_steps": 2, "max_stream_samples": 1, "max_message_bytes": 64 * 1024,
+            "max_concurrent_rpcs": 1, "max_concurrent_streams": 1, "max_sample_streams": 1,
         }  # fmt: skip
         for name, minimum in at_least.items():
             if getattr(self, name) < minimum:
@@ -176,10 +248,21 @@ class ServerConfig:
                 f"({self.max_batch_size}) and >= max_items_per_request ({self.max_items_per_request}), "
                 "or some requests could never be queued"
             )
-        for name in ("provider", "graph_optimization", "log_level"):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(f"{_source('tls_cert')} and {_source('tls_key')} go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(f"{_source('tls_client_ca')} needs TLS: give {_flag('tls_cert')} and {_flag('tls_key')}")
+        for name in ("provider", "graph_optimization", "batch_wait", "log_level"):
             allowed = _meta(name)["choices"]
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_source(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    @property
+    def transport(self) -> str:
+        """How the gRPC port is secured: "plaintext", "tls" or "mutual-tls"."""
+        if self.tls_cert is None:
+            return "plaintext"
+        return "tls" if self.tls_client_ca is None else "mutual-tls"
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -204,7 +287,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     for item in dataclasses.fields(ServerConfig):
         meta = item.metadata
-        default = "newest" if item.default is None else item.default
+        default = meta["shown_default"] or ("newest" if item.default is None else item.default)
         text = f"{meta['help']} [env {meta['env']}, default {default}]"
         if meta["parse"] is _parse_bool:
             parser.add_argument(

@@ -7,10 +7,13 @@ library are registered too (CPU, memory, file descriptors, GC).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from wsgiref.simple_server import WSGIServer
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client as prom
+from prometheus_client.exposition import ThreadingWSGIServer
 
 METHODS = ("Encode", "Decode", "Sample", "Interpolate", "GetModelInfo", "SampleStream")
 GRAPHS = ("encoder", "decoder")
@@ -74,28 +77,68 @@ class Metrics:
         for graph in GRAPHS:
             for family in (self.batch_rows, self.queue_wait, self.inference, self.queue_depth_rows):
                 family.labels(graph)
+        # The labelled children, looked up once: `labels()` costs microseconds, on every request and batch.
+        self._requests_by_code: dict[tuple[str, str], Any] = {}
+        self._durations = {method: self.request_duration.labels(method) for method in METHODS}
+        self._items = {method: self.request_items.labels(method) for method in METHODS}
+        self._depths = {graph: self.queue_depth_rows.labels(graph) for graph in GRAPHS}
+        self._batches = {
+            graph: (self.batch_rows.labels(graph), self.inference.labels(graph), self.queue_wait.labels(graph))
+            for graph in GRAPHS
+        }
 
     def set_model(self, name: str, version: int, provider: str) -> None:
         self.model_info.labels(name, str(version), provider).set(1)
 
     def request_finished(self, method: str, code: str, duration_seconds: float, items: int | None) -> None:
-        self.requests.labels(method, code).inc()
-        self.request_duration.labels(method).observe(duration_seconds)
+        counter = self._requests_by_code.get((method, code))
+        if counter is None:
+            counter = self._requests_by_code[(method, code)] = self.requests.labels(method, code)
+        counter.inc()
+        self._durations[method].observe(duration_seconds)
         if items is not None:
-            self.request_items.labels(method).observe(items)
+            self._items[method].observe(items)
 
     # BatchObserver
     def queue_depth(self, graph: str, rows: int) -> None:
-        self.queue_depth_rows.labels(graph).set(rows)
+        self._depths[graph].set(rows)
 
     def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
-        self.batch_rows.labels(graph).observe(rows)
-        self.inference.labels(graph).observe(inference_seconds)
-        wait = self.queue_wait.labels(graph)
+        batch_rows, inference, queue_wait = self._batches[graph]
+        batch_rows.observe(rows)
+        inference.observe(inference_seconds)
         for seconds in queue_wait_seconds:
-            wait.observe(seconds)
+            queue_wait.observe(seconds)
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, int]:
-        """Start the /metrics HTTP server in a thread; returns it and the port it listens on."""
-        server, _thread = prom.start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP server in a thread; returns it and the port it listens on.
+
+        Only GET /metrics is served; every other path is 404 (prometheus_client's own server answers any
+        path with the metrics, which would make the port look larger than it is).
+        """
+        server = make_server(host, port, metrics_only_app(self.registry), ThreadingWSGIServer, _QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server, server.server_address[1]
+
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def metrics_only_app(registry: prom.CollectorRegistry) -> WsgiApp:
+    """A WSGI app: prometheus_client's exposition at /metrics, 404 everywhere else."""
+    metrics_app = prom.make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: this port serves /metrics only\n"]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape on stderr (the server's log is JSON lines)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

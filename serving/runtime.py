@@ -12,6 +12,7 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -97,6 +98,11 @@ def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
     if options.provider == "cuda" and CUDA not in offered:
         raise ProviderUnavailable(f"provider cuda requested but this onnxruntime offers only {', '.join(offered)}")
     providers = [CUDA, CPU] if wants_cuda and CUDA in offered else [CPU]
+    if options.provider == "auto" and CUDA in providers and not _nvidia_driver_present():
+        # Without a driver CUDA cannot work; loading its libraries to find that out costs ~190 MB of RSS.
+        providers = [CPU]
+        reason = "onnxruntime offers CUDA but no NVIDIA driver is present (/proc/driver/nvidia, /dev/nvidiactl)"
+        log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
     if CUDA in providers:
         _preload_cuda_libraries()
 
@@ -118,6 +124,11 @@ def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
         reason = "onnxruntime offers CUDA but could not create it here (no GPU, or CUDA/cuDNN libraries missing)"
         log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
     return ModelRuntime(model, encoder, decoder)
+
+
+def _nvidia_driver_present() -> bool:
+    """Whether an NVIDIA kernel driver is visible (host or container with the NVIDIA runtime)."""
+    return any(Path(path).exists() for path in ("/proc/driver/nvidia/version", "/dev/nvidiactl"))
 
 
 def _preload_cuda_libraries() -> None:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +32,12 @@ from grpc_reflection.v1alpha import reflection
 from serving.api import SERVICE_NAME, pb_grpc
 from serving.batcher import BatchPolicy
 from serving.config import ConfigError, ServerConfig, build_parser, load_config
-from serving.metrics import Metrics
+from serving.metrics import METHODS, Metrics
 from serving.model import RequestLimits, VaeModel
 from serving.repository import ModelRepositoryError, load_version
 from serving.runtime import ProviderUnavailable, RuntimeOptions, load_runtime
 from serving.service import VaeServicer
+from serving.wire import add_servicer
 
 log = logging.getLogger("serving")
 
@@ -103,11 +105,40 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),  # per connection: one client's share
     ]
     if config.max_connection_age_seconds > 0:  # 0: connections live as long as the client keeps them
         age_ms = int(config.max_connection_age_seconds * 1000)
         options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
     return options
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port from --tls-cert/--tls-key (+ --tls-client-ca: mutual TLS), or None.
+
+    The files are checked with Python's `ssl` first (readable PEM, the key matching the certificate), so a
+    bad file stops start-up with a message naming it instead of failing every handshake later.
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"cannot use --tls-cert {config.tls_cert} with --tls-key {config.tls_key}: {exc.strerror or exc}"
+        ) from None
+    client_ca: bytes | None = None
+    if config.tls_client_ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(config.tls_client_ca))
+            client_ca = config.tls_client_ca.read_bytes()
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"cannot use --tls-client-ca {config.tls_client_ca}: {exc.strerror or exc}") from None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -116,6 +147,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     Raises ModelRepositoryError, ProviderUnavailable or StartupError, each with a one-line message.
     """
     started = time.perf_counter()
+    credentials = server_credentials(config)
     version = load_version(config.model_dir, config.model_version)
     runtime = load_runtime(version, RuntimeOptions(config.provider, config.intra_op_threads, config.graph_optimization))
     runtime.warm_up(sorted({1, config.max_batch_size}))
@@ -145,15 +177,20 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics = Metrics()
     metrics.set_model(version.name, version.version, runtime.provider)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
-    policy = BatchPolicy(config.max_batch_size, config.max_delay_ms, config.max_queue_rows)
+    policy = BatchPolicy(config.max_batch_size, config.max_delay_ms, config.max_queue_rows, config.batch_wait)
     limits = RequestLimits(config.max_items_per_request, config.max_interpolation_steps, config.max_stream_samples)
     model = VaeModel(runtime, policy, limits, executor, metrics)
 
-    server = grpc.aio.server(options=grpc_options(config))
-    servicer = VaeServicer(model, metrics, config.log_requests)
-    pb_grpc.add_VaeServiceServicer_to_server(servicer, server)
+    server = grpc.aio.server(options=grpc_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    servicer = VaeServicer(model, metrics, config.log_requests, config.max_sample_streams)
+
+    def malformed(method: str) -> None:
+        if method in METHODS:
+            metrics.request_finished(method, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0, None)
+
+    add_servicer(pb_grpc.add_VaeServiceServicer_to_server, servicer, server, malformed)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    add_servicer(health_pb2_grpc.add_HealthServicer_to_server, health, server, malformed)
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
@@ -161,7 +198,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     address = f"{config.host}:{config.port}"
     try:
-        grpc_port = server.add_insecure_port(address)
+        if credentials is None:
+            grpc_port = server.add_insecure_port(address)
+        else:
+            grpc_port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
     try:
@@ -174,12 +214,17 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if credentials is None:
+        reason = "no --tls-cert given: gRPC traffic is unencrypted and clients are not authenticated"
+        fields = {"grpc_address": f"{config.host}:{grpc_port}", "reason": reason}
+        log.warning("grpc_plaintext", extra={"fields": fields})
     log.info(
         "server_started",
         extra={
             "fields": {
                 "grpc_address": f"{config.host}:{grpc_port}",
                 "metrics_address": f"{config.host}:{metrics_port}",
+                "transport": config.transport,
                 "provider": runtime.provider,
                 "startup_seconds": round(time.perf_counter() - started, 3),
                 "config": config.to_json(),

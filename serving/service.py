@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 
 import grpc
+import numpy as np
 
 from serving.api import pb, pb_grpc
-from serving.errors import NotReady, status_for
+from serving.errors import NotReady, Overloaded, status_for
 from serving.metrics import Metrics
 from serving.model import VaeModel
-from serving.tensors import method_from_proto, output_dtype_from_proto, tensor_from_proto, tensor_to_proto
+from serving.tensors import fill_tensor, method_from_proto, output_dtype_from_proto, tensor_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ class _Call:
         if error is None:
             code = "OK"
         elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-            # gRPC cancelled the handler: the caller's deadline passed, or the caller went away.
-            expired = self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
+            # gRPC cancelled the handler: the caller's deadline passed, or the caller went away. Asked of gRPC's
+            # own clock: `self.deadline` (loop time) can lag it by a preemption of the thread that computed it,
+            # and a busy machine then counted expired calls as CANCELLED (seen in tests/test_overload.py).
+            remaining = self.context.time_remaining()
+            expired = remaining is not None and remaining < 0.005
             code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
         else:
             failure = status_for(error)
@@ -84,11 +88,15 @@ class _Call:
 
 
 class VaeServicer(pb_grpc.VaeServiceServicer):
-    def __init__(self, model: VaeModel, metrics: Metrics, log_requests: bool = False) -> None:
+    def __init__(
+        self, model: VaeModel, metrics: Metrics, log_requests: bool = False, max_sample_streams: int = 64
+    ) -> None:
         self.model = model
         self.metrics = metrics
         self.log_requests = log_requests
         self.accepting = True  # False once draining: new RPCs get UNAVAILABLE
+        self.max_sample_streams = max_sample_streams  # SampleStream calls at once; more get RESOURCE_EXHAUSTED
+        self.sample_streams = 0  # running now
 
     def _call(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
         return _Call(self, method, context)
@@ -97,14 +105,19 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         async with self._call("Encode", context) as call:
             mu, log_var = await self.model.encode(tensor_from_proto(request.images, "images"), call.deadline)
             call.items = len(mu)
-            return pb.EncodeResponse(mu=tensor_to_proto(mu), log_var=tensor_to_proto(log_var))
+            response = pb.EncodeResponse()
+            fill_tensor(response.mu, mu)
+            fill_tensor(response.log_var, log_var)
+            return response
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         async with self._call("Decode", context) as call:
             latents = tensor_from_proto(request.latents, "latents")
             images = await self.model.decode(latents, output_dtype_from_proto(request.output_dtype), call.deadline)
             call.items = len(images)
-            return pb.DecodeResponse(images=tensor_to_proto(images))
+            response = pb.DecodeResponse()
+            fill_tensor(response.images, images)
+            return response
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
         async with self._call("Sample", context) as call:
@@ -116,23 +129,32 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 call.deadline,
             )
             call.items = len(latents)
-            return pb.SampleResponse(images=tensor_to_proto(images), latents=tensor_to_proto(latents))
+            return _sample_response(images, latents)
 
     async def SampleStream(
         self, request: pb.SampleRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SampleResponse]:
         async with self._call("SampleStream", context) as call:
-            chunks = self.model.sample_stream(
-                request.num_samples,
-                request.seed if request.HasField("seed") else None,
-                request.temperature if request.HasField("temperature") else None,
-                output_dtype_from_proto(request.output_dtype),
-                call.deadline,
-            )
-            call.items = 0
-            async for images, latents in chunks:
-                call.items += len(latents)
-                yield pb.SampleResponse(images=tensor_to_proto(images), latents=tensor_to_proto(latents))
+            if self.sample_streams >= self.max_sample_streams:
+                raise Overloaded(
+                    f"server busy: {self.sample_streams} SampleStream calls are running and this server runs at "
+                    f"most {self.max_sample_streams} at once; retry with backoff"
+                )
+            self.sample_streams += 1
+            try:
+                chunks = self.model.sample_stream(
+                    request.num_samples,
+                    request.seed if request.HasField("seed") else None,
+                    request.temperature if request.HasField("temperature") else None,
+                    output_dtype_from_proto(request.output_dtype),
+                    call.deadline,
+                )
+                call.items = 0
+                async for images, latents in chunks:
+                    call.items += len(latents)
+                    yield _sample_response(images, latents)
+            finally:
+                self.sample_streams -= 1
 
     async def Interpolate(
         self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext
@@ -147,7 +169,10 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 call.deadline,
             )
             call.items = latents.shape[0] * latents.shape[1]
-            return pb.InterpolateResponse(images=tensor_to_proto(images), latents=tensor_to_proto(latents))
+            response = pb.InterpolateResponse()
+            fill_tensor(response.images, images)
+            fill_tensor(response.latents, latents)
+            return response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async with self._call("GetModelInfo", context):
@@ -160,3 +185,10 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 provider=info.provider,
                 manifest_json=info.manifest_json,
             )
+
+
+def _sample_response(images: np.ndarray, latents: np.ndarray) -> pb.SampleResponse:
+    response = pb.SampleResponse()
+    fill_tensor(response.images, images)
+    fill_tensor(response.latents, latents)
+    return response

@@ -2,6 +2,8 @@
 
 Arrays are built with `np.frombuffer` (no copy) and written with `tobytes()`; the wire format is raw
 little-endian C-order bytes, as the proto says. Every failure is an `InvalidRequest` naming the field.
+Replies are filled in place (`fill_tensor(response.images, images)`): passing a built `Tensor` to a
+response's constructor copies its bytes once more.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ WIRE_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_UINT8: np.dtype("u1"),
 }
-_DTYPE_ENUMS = {np.dtype("float32"): pb.DTYPE_FLOAT32, np.dtype("uint8"): pb.DTYPE_UINT8}
+_DTYPE_ENUMS: dict[np.dtype, pb.DType] = {np.dtype("float32"): pb.DTYPE_FLOAT32, np.dtype("uint8"): pb.DTYPE_UINT8}
+_WIRE_ORDER: dict[np.dtype, np.dtype] = {dtype: dtype.newbyteorder("<") for dtype in _DTYPE_ENUMS}
 _OUTPUT_DTYPES: dict[int, OutputDType] = {
     pb.DTYPE_UNSPECIFIED: "float32",
     pb.DTYPE_FLOAT32: "float32",
@@ -61,12 +64,18 @@ def tensor_from_proto(tensor: pb.Tensor, field: str) -> np.ndarray:
     return array_from_wire(tensor.shape, tensor.dtype, tensor.data, field)
 
 
+def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> None:
+    """Write `array` (float32 or uint8) into `tensor` (a field of a message) as little-endian C-order bytes."""
+    tensor.shape[:] = array.shape
+    tensor.dtype = _DTYPE_ENUMS[array.dtype]  # the model layer only produces these two
+    tensor.data = np.ascontiguousarray(array, _WIRE_ORDER[array.dtype]).tobytes()
+
+
 def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
     """A protobuf Tensor holding `array` (float32 or uint8) as little-endian C-order bytes."""
-    dtype_enum = _DTYPE_ENUMS[array.dtype]  # the model layer only produces these two
-    return pb.Tensor(
-        shape=array.shape, dtype=dtype_enum, data=np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-    )
+    tensor = pb.Tensor()
+    fill_tensor(tensor, array)
+    return tensor
 
 
 def output_dtype_from_proto(value: int, field: str = "output_dtype") -> OutputDType:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -61,6 +64,39 @@ class ServerThread:
         """A sample's current value from the server's registry (0 when absent)."""
         value = self.running.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+
+class ServerProcess:
+    """`python -m serving.server` on free ports; its JSON log lines are collected from stderr."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "serving.server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        self.process = subprocess.Popen([*command, *args], stderr=subprocess.PIPE, text=True)
+        self.target = self.metrics_url = ""
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if '"event": "server_started"' in line:
+                started = json.loads(line)
+                self.target = started["grpc_address"]
+                self.metrics_url = f"http://{started['metrics_address']}/metrics"
+                self.started.set()
+
+    def wait_started(self) -> None:
+        if not self.started.wait(timeout=60):
+            self.process.kill()
+            raise AssertionError("server did not start:\n" + "".join(self.lines))
+
+    def finish(self, timeout_s: float = 30) -> int:
+        code = self.process.wait(timeout=timeout_s)
+        self.reader.join(timeout=5)
+        return code
 
 
 @contextmanager

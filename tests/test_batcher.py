@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher, BatchPolicy
+from serving.batcher import WAIT_MODES, Batcher, BatchPolicy, batch_wait_seconds, expected_rows
+from serving.config import BATCH_WAITS
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
 
@@ -62,13 +63,105 @@ async def test_concurrent_requests_are_merged_into_one_run_and_split_back() -> N
     await batcher.close()
 
 
-async def test_a_lone_request_runs_after_max_delay() -> None:
+async def hold_worker(batcher: Batcher, model: FakeModel) -> asyncio.Future[tuple[np.ndarray, ...]]:
+    """A 1-row request whose run blocks in its thread until `model.gate` is set: the worker is busy."""
+    model.gate.clear()
+    running = asyncio.ensure_future(batcher.run(rows(1, start=-1.0)))
+    await asyncio.sleep(0.05)  # a lone request runs at once: it is in its thread now, waiting on the gate
+    assert batcher.queued_rows == 0 and not running.done()
+    return running
+
+
+async def test_a_lone_request_runs_at_once_without_waiting_out_the_delay() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=20), model)
-    (doubled, _) = await asyncio.wait_for(batcher.run(rows(2)), timeout=5)
-    np.testing.assert_array_equal(doubled, rows(2) * 2.0)
+    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=60_000), model)
+    loop = asyncio.get_running_loop()
+    for i in range(3):  # a lone caller, one request after the other: nobody else is coming
+        sent = loop.time()
+        (doubled, _) = await asyncio.wait_for(batcher.run(rows(2, start=i)), timeout=5)
+        assert loop.time() - sent < 5  # not the 60 s delay
+        np.testing.assert_array_equal(doubled, rows(2, start=i) * 2.0)
+    assert model.batches == [2, 2, 2]
+    await batcher.close()
+
+
+async def test_fixed_wait_holds_a_lone_request_for_the_delay() -> None:
+    model = FakeModel()
+    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=50, wait="fixed"), model)
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    await asyncio.wait_for(batcher.run(rows(2)), timeout=5)
+    assert loop.time() - sent >= 0.05
     assert model.batches == [2]
     await batcher.close()
+
+
+async def test_after_a_merged_batch_the_next_one_waits_for_as_many_rows() -> None:
+    model = FakeModel()
+    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=60_000), model)
+    first = [batcher.run(rows(1, start=i)) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*first), timeout=5)  # queued together: one run of 3
+    # Their callers come back one by one: the first waits (a batch of 3 just ran) until all three are in.
+    back_first = asyncio.ensure_future(batcher.run(rows(1)))
+    await asyncio.sleep(0.05)
+    assert not back_first.done() and batcher.queued_rows == 1
+    back_later = [batcher.run(rows(1, start=i)) for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(back_first, *back_later), timeout=5)
+    assert model.batches == [3, 3]
+    await batcher.close()
+
+
+async def test_the_wait_for_expected_rows_ends_at_max_delay() -> None:
+    model = FakeModel()
+    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=50), model)
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(asyncio.gather(*(batcher.run(rows(1)) for _ in range(4))), timeout=5)
+    sent = loop.time()
+    await asyncio.wait_for(batcher.run(rows(1)), timeout=5)  # 4 expected, 1 came: runs after the delay
+    assert loop.time() - sent >= 0.05
+    assert model.batches == [4, 1]
+    await batcher.close()
+
+
+def test_wait_policy_runs_at_once_unless_more_rows_are_expected_soon() -> None:
+    adaptive, fixed = BatchPolicy(max_batch_size=8, max_delay_ms=10), BatchPolicy(8, 10, wait="fixed")
+    # queued rows, waited s, expected rows, gap since the last batch s
+    assert batch_wait_seconds(adaptive, 1, 0.0, 0, float("inf")) == 0  # first request ever
+    assert batch_wait_seconds(adaptive, 1, 0.0, 1, 0.001) == 0  # a lone caller: expected no more than queued
+    assert batch_wait_seconds(adaptive, 1, 0.0, 4, 0.5) == 0  # the last batch is long gone: a quiet spell
+    assert batch_wait_seconds(adaptive, 1, 0.002, 4, 0.001) == pytest.approx(0.008)  # callers coming back
+    assert batch_wait_seconds(adaptive, 2, 0.002, 4, -0.001) == pytest.approx(0.008)  # came during the run
+    assert batch_wait_seconds(adaptive, 4, 0.0, 4, 0.001) == 0  # as many as expected
+    assert batch_wait_seconds(adaptive, 1, 0.010, 4, 0.001) == 0  # waited max_delay
+    assert batch_wait_seconds(fixed, 1, 0.002, 0, float("inf")) == pytest.approx(0.008)  # fixed: always waits
+    assert batch_wait_seconds(fixed, 8, 0.0, 0, float("inf")) == 0  # ... unless the batch is full
+
+
+async def test_requests_that_arrived_during_a_run_wait_for_one_more() -> None:
+    model = FakeModel()
+    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=60_000), model)
+    running = await hold_worker(batcher, model)
+    during = [asyncio.ensure_future(batcher.run(rows(1, start=i))) for i in range(2)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await asyncio.wait_for(running, timeout=5)
+    await asyncio.sleep(0.05)
+    assert not any(future.done() for future in during)  # concurrent callers: another is likely on its way
+    await asyncio.wait_for(asyncio.gather(*during, batcher.run(rows(1))), timeout=5)
+    assert model.batches == [1, 3]
+    await batcher.close()
+
+
+def test_expected_rows_is_the_recent_peak_or_one_more_than_arrived_during_a_run() -> None:
+    policy = BatchPolicy(max_batch_size=8, max_delay_ms=10)
+    assert expected_rows(policy, peak_rows=4, rows_during_run=0) == 4
+    assert expected_rows(policy, peak_rows=1, rows_during_run=2) == 3  # two came during the run
+    assert expected_rows(policy, peak_rows=1, rows_during_run=0) == 1  # a lone caller
+    assert expected_rows(policy, peak_rows=20, rows_during_run=9) == 8  # at most a full batch
+
+
+def test_server_config_offers_the_batchers_wait_modes() -> None:
+    assert BATCH_WAITS == WAIT_MODES
 
 
 async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
@@ -99,24 +192,32 @@ async def test_a_large_request_is_split_into_chunks_of_max_batch_size() -> None:
 async def test_full_queue_refuses_with_overloaded() -> None:
     model = FakeModel()
     batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=5000, max_queue_rows=8), model)
+    running = await hold_worker(batcher, model)
     waiting = asyncio.ensure_future(batcher.run(rows(6)))
     await asyncio.sleep(0)
     assert batcher.queued_rows == 6
     with pytest.raises(Overloaded, match="queue holds 6 rows and takes at most 8"):
         await batcher.run(rows(3))
-    await batcher.run(rows(2))  # fits exactly: fills the batch, and both run
-    assert waiting.done() and model.batches == [8]
+    fits = asyncio.ensure_future(batcher.run(rows(2)))  # fits exactly: fills the next batch
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, waiting, fits), timeout=5)
+    assert model.batches == [1, 8]
     await batcher.close()
 
 
 async def test_cancelled_requests_are_dropped_before_running() -> None:
     model = FakeModel()
     batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=50), model)
+    running = await hold_worker(batcher, model)
     gone = asyncio.ensure_future(batcher.run(rows(3)))
     await asyncio.sleep(0)
     gone.cancel()
-    (doubled, _) = await asyncio.wait_for(batcher.run(rows(1)), timeout=5)
-    assert model.batches == [1]
+    stays = asyncio.ensure_future(batcher.run(rows(1)))
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.wait_for(running, timeout=5)
+    (doubled, _) = await asyncio.wait_for(stays, timeout=5)
+    assert model.batches == [1, 1]
     np.testing.assert_array_equal(doubled, rows(1) * 2.0)
     await batcher.close()
 
@@ -125,9 +226,14 @@ async def test_requests_past_their_deadline_are_dropped_before_running() -> None
     model = FakeModel()
     batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=50), model)
     loop = asyncio.get_running_loop()
+    running = await hold_worker(batcher, model)
+    late = asyncio.ensure_future(batcher.run(rows(2), deadline=loop.time() + 0.01))
+    await asyncio.sleep(0.05)  # the deadline passes while the worker is busy
+    model.gate.set()
     with pytest.raises(DeadlineExceeded, match="deadline passed"):
-        await asyncio.wait_for(batcher.run(rows(2), deadline=loop.time() + 0.01), timeout=5)
-    assert model.batches == []
+        await asyncio.wait_for(late, timeout=5)
+    await running
+    assert model.batches == [1]
     await batcher.close()
 
 

@@ -18,12 +18,17 @@ from tests.serving_helpers import DirectGraphs, ServerThread, running_server, sc
 
 @pytest.fixture(scope="module")
 def patient_server(exported_repository: Path) -> Iterator[ServerThread]:
-    """Batches of 8 rows; a lone request waits 1.5 s for company; at most 16 rows queued.
+    """Batches of 8 rows; a lone request waits 1.5 s for company (`fixed` wait); at most 16 rows queued.
 
     Only a full batch runs early, so what merges is decided by row counts, not by timing.
     """
     with running_server(
-        exported_repository, max_batch_size=8, max_delay_ms=1500, max_queue_rows=16, max_items_per_request=16
+        exported_repository,
+        max_batch_size=8,
+        max_delay_ms=1500,
+        batch_wait="fixed",
+        max_queue_rows=16,
+        max_items_per_request=16,
     ) as server:
         yield server
 

@@ -22,39 +22,7 @@ from PIL import Image
 from serving import client as client_cli
 from serving.client import VaeClient, VaeError
 from serving.server import StartupError, start_server
-from tests.serving_helpers import DirectGraphs, ServerThread, scrape, server_config, wait_until
-
-
-class ServerProcess:
-    """`python -m serving.server` on free ports; its JSON log lines are collected from stderr."""
-
-    def __init__(self, *args: str) -> None:
-        command = [sys.executable, "-m", "serving.server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
-        self.process = subprocess.Popen([*command, *args], stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.started = threading.Event()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if '"event": "server_started"' in line:
-                started = json.loads(line)
-                self.target = started["grpc_address"]
-                self.metrics_url = f"http://{started['metrics_address']}/metrics"
-                self.started.set()
-
-    def wait_started(self) -> None:
-        if not self.started.wait(timeout=60):
-            self.process.kill()
-            raise AssertionError("server did not start:\n" + "".join(self.lines))
-
-    def finish(self, timeout_s: float = 30) -> int:
-        code = self.process.wait(timeout=timeout_s)
-        self.reader.join(timeout=5)
-        return code
+from tests.serving_helpers import DirectGraphs, ServerProcess, ServerThread, scrape, server_config, wait_until
 
 
 @pytest.fixture
@@ -64,6 +32,8 @@ def server_process(exported_repository: Path) -> Iterator[ServerProcess]:
         str(exported_repository),
         "--max-delay-ms",
         "2000",
+        "--batch-wait",
+        "fixed",  # every batch waits out the delay, so requests stay queued
         "--grace-seconds",
         "10",
         "--intra-op-threads",

@@ -1,0 +1,229 @@
+"""Security: TLS and mutual TLS on the gRPC port, a metrics port that serves /metrics only, abuse limits,
+and no unsafe deserialization (checkpoints load weights only; serving never unpickles)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from serving import client as client_cli
+from serving.client import VaeClient, VaeError
+from serving.config import ConfigError, ServerConfig
+from serving.server import StartupError, grpc_options, start_server
+from tests.serving_helpers import ServerThread, running_server, server_config, wait_until
+from tests.tls_helpers import CertificateAuthority, Pem
+from training.checkpoint import CheckpointError, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    ca: Pem
+    server: Pem
+    client: Pem
+    other_ca: Pem
+    other_client: Pem  # signed by other_ca
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, other = CertificateAuthority(directory, "test-ca"), CertificateAuthority(directory, "other-ca")
+    return Pki(
+        ca.pem, ca.issue("server", server=True), ca.issue("client", False), other.pem, other.issue("intruder", False)
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_server(exported_repository: Path, pki: Pki) -> Iterator[ServerThread]:
+    with running_server(exported_repository, tls_cert=pki.server.cert, tls_key=pki.server.key) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mtls_server(exported_repository: Path, pki: Pki) -> Iterator[ServerThread]:
+    with running_server(
+        exported_repository, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert
+    ) as server:
+        yield server
+
+
+def refused_code(target: str, **tls: Path) -> grpc.StatusCode:
+    with VaeClient(target, retries=0, timeout_s=5, **tls) as client, pytest.raises(VaeError) as refused:  # type: ignore[arg-type]
+        client.sample(1, seed=0)
+    return refused.value.code
+
+
+def test_tls_serves_a_client_that_trusts_the_servers_ca(tls_server: ServerThread, pki: Pki) -> None:
+    with VaeClient(tls_server.target, tls_ca=pki.ca.cert) as client:
+        images, _ = client.sample(2, seed=1)
+        assert images.shape == (2, 1, 28, 28) and client.health() == "SERVING"
+    assert tls_server.config.transport == "tls"
+
+
+def test_a_plaintext_client_is_refused_on_a_tls_port(tls_server: ServerThread) -> None:
+    assert refused_code(tls_server.target) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_trusting_another_ca_refuses_the_server(tls_server: ServerThread, pki: Pki) -> None:
+    assert refused_code(tls_server.target, tls_ca=pki.other_ca.cert) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_serves_a_client_with_a_certificate_from_the_ca(mtls_server: ServerThread, pki: Pki) -> None:
+    with VaeClient(mtls_server.target, tls_ca=pki.ca.cert, tls_cert=pki.client.cert, tls_key=pki.client.key) as vae:
+        assert vae.model_info().latent_dim == 20
+    assert mtls_server.config.transport == "mutual-tls"
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: ServerThread, pki: Pki) -> None:
+    assert refused_code(mtls_server.target, tls_ca=pki.ca.cert) == grpc.StatusCode.UNAVAILABLE
+    assert mtls_server.metric("vae_requests_total", method="Sample", code="OK") == 0  # nothing reached the model
+
+
+def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server: ServerThread, pki: Pki) -> None:
+    intruder = {"tls_ca": pki.ca.cert, "tls_cert": pki.other_client.cert, "tls_key": pki.other_client.key}
+    assert refused_code(mtls_server.target, **intruder) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_cli_takes_tls_flags(mtls_server: ServerThread, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    tls = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+    assert client_cli.main(["--target", mtls_server.target, *tls, "info"]) == 0
+    assert '"health": "SERVING"' in capsys.readouterr().out
+    assert (
+        client_cli.main(["--target", mtls_server.target, "--tls-ca", str(pki.ca.cert), "--timeout", "5", "info"]) == 1
+    )
+    assert capsys.readouterr().err.startswith(f"error: {mtls_server.target}: UNAVAILABLE")
+
+
+def test_tls_mistakes_stop_start_up_with_one_line(exported_repository: Path, pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--tls-cert \(VAE_TLS_CERT\) and --tls-key \(VAE_TLS_KEY\) go together"):
+        ServerConfig(tls_cert=pki.server.cert)
+    with pytest.raises(ConfigError, match=r"--tls-client-ca \(VAE_TLS_CLIENT_CA\) needs TLS"):
+        ServerConfig(tls_client_ca=pki.ca.cert)
+    wrong_key = server_config(exported_repository, tls_cert=pki.server.cert, tls_key=pki.client.key)
+    with pytest.raises(StartupError, match=f"cannot use --tls-cert {pki.server.cert} with --tls-key"):
+        asyncio.run(start_server(wrong_key))
+    missing = server_config(exported_repository, tls_cert=tmp_path / "none.crt", tls_key=pki.server.key)
+    with pytest.raises(StartupError, match="No such file or directory"):
+        asyncio.run(start_server(missing))
+    not_a_ca = tmp_path / "ca.pem"
+    not_a_ca.write_text("not a certificate")
+    bad_ca = server_config(
+        exported_repository, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=not_a_ca
+    )
+    with pytest.raises(StartupError, match=f"cannot use --tls-client-ca {not_a_ca}"):
+        asyncio.run(start_server(bad_ca))
+
+
+def test_start_up_log_says_when_grpc_is_plaintext(exported_repository: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="serving"), running_server(exported_repository):
+        pass
+    events = {record.getMessage(): getattr(record, "fields", {}) for record in caplog.records}
+    assert "unencrypted" in events["grpc_plaintext"]["reason"]
+    assert events["server_started"]["transport"] == "plaintext"
+
+
+def test_the_metrics_port_serves_metrics_and_nothing_else(vae_server: ServerThread) -> None:
+    with urllib.request.urlopen(vae_server.metrics_url, timeout=5) as response:
+        assert response.status == 200 and b"vae_requests_total" in response.read()
+    base = vae_server.metrics_url.removesuffix("/metrics")
+    for path in ("/", "/metrics/", "/debug", "/favicon.ico", "/../metrics", "/metrics/../x"):
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(base + path, timeout=5)
+        assert missing.value.code == 404, path
+    with pytest.raises(urllib.error.HTTPError) as post:
+        urllib.request.urlopen(urllib.request.Request(vae_server.metrics_url, data=b"x", method="POST"), timeout=5)
+    assert post.value.code == 405
+
+
+def test_sample_streams_beyond_the_cap_get_resource_exhausted(exported_repository: Path) -> None:
+    with running_server(exported_repository, max_sample_streams=1) as server, VaeClient(server.target) as client:
+        first = client.sample_stream(10_000, seed=1)
+        next(first)
+        with pytest.raises(VaeError) as refused:
+            next(client.sample_stream(10, seed=2))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "runs at most 1 at once" in refused.value.details
+        first.close()
+        wait_until(lambda: server.running.servicer.sample_streams == 0, what="the first stream to end")
+        assert sum(len(chunk) for chunk, _ in client.sample_stream(100, seed=2)) == 100  # the slot is free again
+
+
+def test_rpcs_beyond_the_concurrency_cap_get_resource_exhausted(exported_repository: Path) -> None:
+    latents = np.zeros((1, 20), np.float32)
+    with (
+        running_server(exported_repository, max_concurrent_rpcs=2, max_delay_ms=1500, batch_wait="fixed") as server,
+        VaeClient(server.target, retries=0) as client,
+    ):
+        stub_calls = [client._stub.Decode.future(_decode_request(latents), timeout=20) for _ in range(2)]
+        wait_until(lambda: server.metric("vae_queue_depth", graph="decoder") == 2, what="two requests queued")
+        with pytest.raises(VaeError) as refused:
+            client.decode(latents)
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert all(call.result().images.shape == [1, 1, 28, 28] for call in stub_calls)  # the two admitted finish
+        assert client.decode(latents).shape == (1, 1, 28, 28)
+
+
+def _decode_request(latents: np.ndarray) -> object:
+    from serving.api import pb
+    from serving.tensors import tensor_to_proto
+
+    return pb.DecodeRequest(latents=tensor_to_proto(latents))
+
+
+def test_limits_have_safe_defaults_and_are_documented() -> None:
+    config = ServerConfig()
+    assert config.max_message_bytes == 16 * 1024 * 1024 and config.max_items_per_request == 1024
+    assert config.max_concurrent_rpcs == 1000 and config.max_sample_streams == 64
+    options = dict(grpc_options(config))
+    assert options["grpc.max_concurrent_streams"] == 100
+    assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 16 * 1024 * 1024
+    readme = (REPO / "README.md").read_text()
+    undocumented = [f.metadata["env"] for f in dataclasses.fields(ServerConfig) if f.metadata["env"] not in readme]
+    assert undocumented == []
+
+
+class _Payload:
+    """A pickle that would write a file when unpickled (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"model_args": _Payload(marker), "model": {}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.read_text() == "code ran"
+
+
+def test_serving_never_unpickles_or_evaluates() -> None:
+    unsafe_modules = {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve", "torch", "cloudpickle"}
+    for path in sorted((REPO / "serving").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not {name.split(".")[0] for name in names} & unsafe_modules, f"{path.name} imports {names}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id not in ("eval", "exec", "__import__"), f"{path.name} calls {node.func.id}"
+            if isinstance(node, ast.keyword) and node.arg == "allow_pickle":
+                raise AssertionError(f"{path.name} passes allow_pickle")
