@@ -1,0 +1,62 @@
+"""Smoke runs of the serving benchmarks with tiny settings: they run end to end and report what they claim."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.serving_helpers import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=True
+    )
+
+
+def test_loadgen_reports_throughput_latency_and_errors(exported_repository: Path) -> None:
+    with running_server(exported_repository) as server:
+        result = run_module(
+            "bench.loadgen", "--target", server.target, "--rpc", "decode", "--rows", "4", "--concurrency", "3",
+            "--requests", "60", "--warmup", "0.2",
+        )  # fmt: skip
+        decoded = server.metric("vae_requests_total", method="Decode", code="OK")
+    line = json.loads(result.stdout)
+    assert line["requests"] == 60 and line["errors"] == {}
+    assert abs(line["rows_per_s"] - 4 * line["requests_per_s"]) < 1  # both rounded to 0.1
+    assert 0 < line["p50_ms"] <= line["p90_ms"] <= line["p99_ms"] <= line["max_ms"]
+    assert decoded >= 60  # the server saw them (plus the warm-up)
+
+
+def test_limit_measures_both_graphs_at_each_batch_size(exported_repository: Path) -> None:
+    result = run_module(
+        "bench.limit", "--model-dir", str(exported_repository), "--batch", "1", "8", "--block-seconds", "0.02",
+        "--repeats", "2",
+    )  # fmt: skip
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {(line["graph"], line["batch"]) for line in lines} == {(g, b) for g in ("decode", "encode") for b in (1, 8)}
+    assert all(line["rows_per_s"] > 0 and line["provider"] == "CPUExecutionProvider" for line in lines)
+
+
+def test_serving_sweep_writes_results_plot_and_summary(exported_repository: Path, tmp_path: Path) -> None:
+    run_module(
+        "bench.serving", "--model-dir", str(exported_repository), "--duration", "0.2", "--concurrency", "1", "2",
+        "--out", str(tmp_path), timeout=240,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "serving.json").read_text())
+    assert (tmp_path / "serving.png").stat().st_size > 10_000
+    modes = {point["mode"] for point in report["points"]}
+    assert modes == {"batching", "batching-fixed", "no-batching", "echo"}
+    # per server mode: 2 RPCs x (1x64 + callers 1 and 2); the echo server: Decode only
+    assert len(report["points"]) == 3 * 2 * (1 + 2) + (1 + 2)
+    assert all(point["errors"] == {} and point["requests"] > 0 for point in report["points"])
+    summary = report["summary"]
+    assert summary["decode_1x64_vs_limit"] > 0 and summary["decode_2x1_batching_vs_off"] > 0
+    assert 0 < summary["decode_1x64_vs_limit_bound"] < 1 and summary["echo_decode_2x1_requests_per_s"] > 0
+    for mode in modes:
+        assert 0 < report["process"][mode]["startup_to_serving_s"] < 60
+        assert report["process"][mode]["rss_bytes"] > 10_000_000
