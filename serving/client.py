@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # --tls-cert without --tls-key
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... info | head`: the reader has what it wanted, as with any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
     except OSError as exc:  # reading or writing a PNG, reading a TLS file
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1

@@ -191,3 +191,10 @@ def test_cli_errors_are_one_line_without_traceback(
     assert err.startswith(f"error: 127.0.0.1:{port}: UNAVAILABLE") and err.count("\n") == 1
     assert client_cli.main(["--target", vae_server.target, "interpolate", "missing.png", "b.png"]) == 1
     assert capsys.readouterr().err == "error: No such file or directory: missing.png\n"
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(vae_server: ServerThread) -> None:
+    """`python -m serving.client ... info | head`: a reader that stops early is not an error, nor a traceback."""
+    shell = f"{sys.executable} -m serving.client --target {vae_server.target} info | true"  # reads nothing
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
