@@ -68,6 +68,9 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+DRAIN_LINGER_SECONDS = 0.25  # after the last accepted call, before connections close
+
+
 @dataclass
 class RunningServer:
     """A started server: its ports and parts, and `stop` for a graceful drain."""
@@ -90,7 +93,12 @@ class RunningServer:
         log.info("server_draining", extra={"fields": {"grace_seconds": grace}})
         self.servicer.accepting = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # Finish the accepted calls while their connections stay open, and give clients a moment to read the
+        # last replies before gRPC closes the connections: a reply still unread by the client when its
+        # connection is reset is lost (seen under load), although the server answered it.
+        if await self.servicer.wait_idle(grace):
+            await asyncio.sleep(min(DRAIN_LINGER_SECONDS, grace))
+        await self.server.stop(max(0.0, grace - (time.perf_counter() - started)))
         await self.model.close()
         self.executor.shutdown(wait=True)
         self.metrics_http.shutdown()

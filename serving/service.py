@@ -37,6 +37,7 @@ class _Call:
         self.method = method
         self.context = context
         self.items: int | None = None
+        self.accepted = False  # counted by the servicer's drain
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         self.started = time.perf_counter()
@@ -47,6 +48,8 @@ class _Call:
             await self._finish(
                 NotReady("the server is shutting down and accepts no new requests; retry on another replica")
             )
+        self.accepted = True
+        self.servicer.call_started()
         return self
 
     async def __aexit__(
@@ -57,6 +60,8 @@ class _Call:
     async def _finish(self, error: BaseException | None) -> None:
         metrics = self.servicer.metrics
         metrics.inflight.dec()
+        if self.accepted:
+            self.servicer.call_finished()
         failure: tuple[grpc.StatusCode, str] | None = None
         if error is None:
             code = "OK"
@@ -97,6 +102,26 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         self.accepting = True  # False once draining: new RPCs get UNAVAILABLE
         self.max_sample_streams = max_sample_streams  # SampleStream calls at once; more get RESOURCE_EXHAUSTED
         self.sample_streams = 0  # running now
+        self._accepted_calls = 0  # accepted and not finished: what a drain waits for
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def call_started(self) -> None:
+        self._accepted_calls += 1
+        self._idle.clear()
+
+    def call_finished(self) -> None:
+        self._accepted_calls -= 1
+        if self._accepted_calls == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every accepted call has finished (True), or `timeout_s` passed (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def _call(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
         return _Call(self, method, context)
