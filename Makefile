@@ -118,6 +118,6 @@ audit: install ## pip-audit the installed dependencies against PyPI's advisories
 	$(PY) -m pip freeze --exclude-editable > build/audit-requirements.txt
 	build/audit-venv/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r build/audit-requirements.txt
 
-clean: ## remove the venv, caches and build outputs (keeps runs/ and models/)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+clean: ## remove the venv, generated gRPC code, caches and build outputs (keeps runs/ and models/)
+	rm -rf $(VENV) serving/proto .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
