@@ -8,8 +8,10 @@ every comparison); each point is a fresh closed-loop run of bench/loadgen.py aga
 the mode it measures: batching on (`--max-batch-size 64`, the default adaptive wait), batching on with the
 `fixed` wait (every batch waits out `--max-delay-ms` unless full: the earlier policy), batching off
 (`--max-batch-size 1`). For Decode and Sample: (a) 1 caller x 64 rows per request, (b) 1..64 callers x 1
-row. Also start-up time to SERVING and the server's RSS. And the same Decode loads against
-bench/echo_server.py (no model: what gRPC and the load generator alone cost and allow). Writes
+row. Also start-up time to SERVING and the server's RSS. And the same Decode loads against the two
+reference servers of bench/baseline_servers.py: `minimal` (the decoder run inline in the handler: no
+batching, validation or metrics) and `echo` (no model: what gRPC and the load generator alone cost and
+allow). Writes
 `serving.json` and `serving.png` under `--out` and prints the figures the targets are stated in.
 `--provider cuda` runs the server and the limit on onnxruntime's CUDA provider (where a GPU is).
 """
@@ -40,13 +42,13 @@ from serving.api import SERVICE_NAME
 _AVAILABLE = sorted(os.sched_getaffinity(0))
 # The first two CPUs this process may use: the server on one, the load generator on the other.
 SERVER_CPUS, LOAD_CPUS = str(_AVAILABLE[0]), str(_AVAILABLE[min(1, len(_AVAILABLE) - 1)])
-# Server flags of each mode; "echo" is bench/echo_server.py (Decode only).
+# Server flags of each mode of our server.
 MODES: dict[str, list[str]] = {
     "batching": ["--max-batch-size=64", "--batch-wait=adaptive"],
     "batching-fixed": ["--max-batch-size=64", "--batch-wait=fixed"],
     "no-batching": ["--max-batch-size=1"],
-    "echo": [],
 }
+BASELINES = ("minimal", "echo")  # bench/baseline_servers.py kinds (Decode only)
 
 
 def free_port() -> int:
@@ -81,10 +83,18 @@ def rss_bytes(pid: int) -> int:
 
 @contextmanager
 def server(model_dir: Path, mode: str, max_delay_ms: float, provider: str) -> Iterator[tuple[str, float, int]]:
-    """The server of `mode` (or the echo server) as a process on CPU 0: yields (target, seconds to SERVING, pid)."""
+    """The server of `mode` (or a baseline) as a process on CPU 0: yields (target, seconds to SERVING, pid)."""
     port = free_port()
-    if mode == "echo":
-        command = [sys.executable, "-m", "bench.echo_server", f"--port={port}"]
+    if mode in BASELINES:
+        command = [
+            sys.executable,
+            "-m",
+            "bench.baseline_servers",
+            f"--kind={mode}",
+            f"--model-dir={model_dir}",
+            f"--provider={provider}",
+            f"--port={port}",
+        ]
     else:
         command = [
             sys.executable,
@@ -116,10 +126,10 @@ def sweep(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     points: list[dict[str, Any]] = []
     process_figures: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in (*MODES, *BASELINES):
         with server(model_dir, mode, max_delay_ms, provider) as (target, startup_s, pid):
             process_figures[mode] = {"startup_to_serving_s": round(startup_s, 3)}
-            rpcs = ("decode",) if mode == "echo" else ("decode", "sample")
+            rpcs = ("decode",) if mode in BASELINES else ("decode", "sample")
             loads = [(rpc, 64, 1) for rpc in rpcs]
             loads += [(rpc, 1, c) for rpc in rpcs for c in concurrencies]
             for rpc, rows, concurrency in loads:
@@ -163,6 +173,13 @@ def summary(points: list[dict[str, Any]], limit: list[dict[str, Any]], concurren
     figures["decode_1x64_vs_limit_fixed_wait"] = round(
         find(points, "batching-fixed", "decode", 64, 1)["rows_per_s"] / limit_64, 3
     )
+    # The minimal server on the same load: what our server's machinery (batcher, executor hop, validation,
+    # metrics) costs at 1 x 64, and how close the simplest grpc.aio model server gets to the limit.
+    minimal_64 = find(points, "minimal", "decode", 64, 1)["rows_per_s"]
+    figures["minimal_decode_1x64_rows_per_s"] = minimal_64
+    figures["minimal_decode_1x64_vs_limit"] = round(minimal_64 / limit_64, 3)
+    figures["decode_1x64_vs_minimal"] = round(decode_64["rows_per_s"] / minimal_64, 3)
+    figures[f"minimal_decode_{many}x1_requests_per_s"] = find(points, "minimal", "decode", 1, many)["requests_per_s"]
     # No model behind it: the transport floor and what the load generator can drive.
     echo_64 = find(points, "echo", "decode", 64, 1)["rows_per_s"]
     figures["echo_decode_1x64_rows_per_s"] = echo_64
@@ -205,9 +222,13 @@ def plot(points: list[dict[str, Any]], limit: list[dict[str, Any]], path: Path) 
     for column, rpc in enumerate(("decode", "sample")):
         styles = [("batching", "o-"), ("batching-fixed", "^-."), ("no-batching", "s--")]
         if rpc == "decode":
-            styles.append(("echo", "x:"))
+            styles += [("minimal", "d-"), ("echo", "x:")]
+        labels = {
+            "echo": "echo server (no model): gRPC + load generator cap",
+            "minimal": "minimal server (decoder inline, no batching)",
+        }
         for mode, style in styles:
-            label = "echo server (no model): gRPC + load generator cap" if mode == "echo" else f"server, {mode}"
+            label = labels.get(mode, f"server, {mode}")
             series = sorted(
                 (p for p in points if p["mode"] == mode and p["rpc"] == rpc and p["rows"] == 1),
                 key=lambda p: p["concurrency"],

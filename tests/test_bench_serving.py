@@ -50,13 +50,14 @@ def test_serving_sweep_writes_results_plot_and_summary(exported_repository: Path
     report = json.loads((tmp_path / "serving.json").read_text())
     assert (tmp_path / "serving.png").stat().st_size > 10_000
     modes = {point["mode"] for point in report["points"]}
-    assert modes == {"batching", "batching-fixed", "no-batching", "echo"}
-    # per server mode: 2 RPCs x (1x64 + callers 1 and 2); the echo server: Decode only
-    assert len(report["points"]) == 3 * 2 * (1 + 2) + (1 + 2)
+    assert modes == {"batching", "batching-fixed", "no-batching", "minimal", "echo"}
+    # per mode of our server: 2 RPCs x (1x64 + callers 1 and 2); the two baseline servers: Decode only
+    assert len(report["points"]) == 3 * 2 * (1 + 2) + 2 * (1 + 2)
     assert all(point["errors"] == {} and point["requests"] > 0 for point in report["points"])
     summary = report["summary"]
     assert summary["decode_1x64_vs_limit"] > 0 and summary["decode_2x1_batching_vs_off"] > 0
     assert 0 < summary["decode_1x64_vs_limit_bound"] < 1 and summary["echo_decode_2x1_requests_per_s"] > 0
+    assert 0 < summary["minimal_decode_1x64_vs_limit"] < 1 and summary["decode_1x64_vs_minimal"] > 0
     for mode in modes:
         assert 0 < report["process"][mode]["startup_to_serving_s"] < 60
         assert report["process"][mode]["rss_bytes"] > 10_000_000
