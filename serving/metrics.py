@@ -59,7 +59,7 @@ class Metrics:
         )
         self.inference = prom.Histogram(
             "vae_inference_seconds",
-            "onnxruntime run time per batch, by graph",
+            "onnxruntime run time per batch (the run alone, not the hand-off to its thread), by graph",
             ["graph"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -185,7 +185,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics = Metrics()
     metrics.set_model(version.name, version.version, runtime.provider)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
-    policy = BatchPolicy(config.max_batch_size, config.max_delay_ms, config.max_queue_rows, config.batch_wait)
+    policy = BatchPolicy(
+        config.max_batch_size, config.max_delay_ms, config.max_queue_rows, config.batch_wait, config.inline_max_ms
+    )
     limits = RequestLimits(config.max_items_per_request, config.max_interpolation_steps, config.max_stream_samples)
     model = VaeModel(runtime, policy, limits, executor, metrics)
 

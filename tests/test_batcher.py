@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,12 +20,14 @@ class FakeModel:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.threads: list[int] = []  # where each run ran (thread ident)
         self.gate = threading.Event()
         self.gate.set()
 
     def run(self, rows: np.ndarray) -> Sequence[np.ndarray]:
         self.gate.wait(timeout=10)
         self.batches.append(len(rows))
+        self.threads.append(threading.get_ident())
         return [rows * 2.0, rows.sum(axis=1)]
 
 
@@ -178,6 +181,33 @@ async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
     await batcher.close()
 
 
+async def test_row_counts_measured_fast_run_on_the_event_loop_thread() -> None:
+    model = FakeModel()  # runs in microseconds: far below the 50 ms allowed inline
+    batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=0, inline_max_ms=50), model)
+    for count in (2, 2, 2, 3, 3):
+        await asyncio.wait_for(batcher.run(rows(count)), timeout=5)
+    loop_thread = threading.get_ident()
+    # Each row count's first run goes to the thread (nothing known about it yet); later ones stay inline.
+    assert [thread == loop_thread for thread in model.threads] == [False, True, True, False, True]
+    await batcher.close()
+
+
+@pytest.mark.parametrize(("inline_max_ms", "run_ms"), [(0, 0), (5, 30)])
+async def test_inline_off_or_slow_runs_stay_in_the_thread(inline_max_ms: float, run_ms: float) -> None:
+    model = FakeModel()
+
+    def run(x: np.ndarray) -> Sequence[np.ndarray]:
+        time.sleep(run_ms / 1000)
+        return model.run(x)
+
+    batcher = Batcher("decoder", run, BatchPolicy(max_batch_size=8, max_delay_ms=0, inline_max_ms=inline_max_ms))
+    batcher.start()
+    for _ in range(3):
+        await asyncio.wait_for(batcher.run(rows(1)), timeout=5)
+    assert len(model.threads) == 3 and threading.get_ident() not in model.threads
+    await batcher.close()
+
+
 async def test_a_large_request_is_split_into_chunks_of_max_batch_size() -> None:
     model = FakeModel()
     batcher = await started(BatchPolicy(max_batch_size=4, max_delay_ms=0), model)
@@ -267,6 +297,8 @@ async def test_close_fails_queued_requests_with_not_ready() -> None:
         await batcher.run(rows(1))
 
 
-def test_policy_rejects_a_queue_smaller_than_a_batch() -> None:
+def test_policy_rejects_a_queue_smaller_than_a_batch_and_negative_times() -> None:
     with pytest.raises(ValueError, match="max_queue_rows"):
         BatchPolicy(max_batch_size=64, max_queue_rows=8)
+    with pytest.raises(ValueError, match="inline_max_ms"):
+        BatchPolicy(inline_max_ms=-1)

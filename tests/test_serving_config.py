@@ -39,6 +39,7 @@ def test_every_field_has_an_env_twin_and_flags_win_over_it() -> None:
     [
         ([], {"VAE_MAX_BATCH_SIZE": "many"}, "VAE_MAX_BATCH_SIZE='many' is not an integer"),
         (["--max-delay-ms", "soon"], {}, "--max-delay-ms='soon' is not a number"),
+        ([], {"VAE_INLINE_MAX_MS": "-1"}, "--inline-max-ms (VAE_INLINE_MAX_MS) must be a finite number >= 0, got -1"),
         ([], {"VAE_LOG_REQUESTS": "maybe"}, "VAE_LOG_REQUESTS='maybe' is not true or false"),
         ([], {"VAE_PROVIDER": "tpu"}, "--provider (VAE_PROVIDER) must be one of auto, cuda, cpu, got 'tpu'"),
         (["--max-batch-size", "0"], {}, "--max-batch-size (VAE_MAX_BATCH_SIZE) must be >= 1, got 0"),
