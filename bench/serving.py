@@ -11,8 +11,8 @@ the mode it measures: batching on (`--max-batch-size 64`, the default adaptive w
 row. Also start-up time to SERVING and the server's RSS. And the same Decode loads against the two
 reference servers of bench/baseline_servers.py: `minimal` (the decoder run inline in the handler: no
 batching, validation or metrics) and `echo` (no model: what gRPC and the load generator alone cost and
-allow). Writes
-`serving.json` and `serving.png` under `--out` and prints the figures the targets are stated in.
+allow). Writes `serving.json` and `serving.png` under `--out` and prints the figures the targets are
+stated in.
 `--provider cuda` runs the server and the limit on onnxruntime's CUDA provider (where a GPU is).
 """
 
@@ -49,6 +49,10 @@ MODES: dict[str, list[str]] = {
     "no-batching": ["--max-batch-size=1"],
 }
 BASELINES = ("minimal", "echo")  # bench/baseline_servers.py kinds (Decode only)
+BASELINE_LABELS = {
+    "minimal": "minimal server (decoder inline, no batching)",
+    "echo": "echo server (no model): gRPC + load generator cap",
+}
 
 
 def free_port() -> int:
@@ -223,12 +227,8 @@ def plot(points: list[dict[str, Any]], limit: list[dict[str, Any]], path: Path) 
         styles = [("batching", "o-"), ("batching-fixed", "^-."), ("no-batching", "s--")]
         if rpc == "decode":
             styles += [("minimal", "d-"), ("echo", "x:")]
-        labels = {
-            "echo": "echo server (no model): gRPC + load generator cap",
-            "minimal": "minimal server (decoder inline, no batching)",
-        }
         for mode, style in styles:
-            label = labels.get(mode, f"server, {mode}")
+            label = BASELINE_LABELS.get(mode, f"server, {mode}")
             series = sorted(
                 (p for p in points if p["mode"] == mode and p["rpc"] == rpc and p["rows"] == 1),
                 key=lambda p: p["concurrency"],
