@@ -42,8 +42,8 @@ $(STAMP): pyproject.toml
 
 proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae/v1/vae.proto
 
-$(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
-	$(PY) -m serving.codegen
+$(PROTO_OUT): $(PROTO_SRC) serving/api/codegen.py $(STAMP)
+	$(PY) -m serving.api.codegen
 
 test: install lint ## lint, then the whole test suite (what CI runs)
 	$(PY) -m pytest

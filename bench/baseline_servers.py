@@ -26,9 +26,9 @@ from grpc_health.v1.health import aio as health_aio
 
 from bench.loadgen import pin_to_cpus
 from serving.api import SERVICE_NAME, pb, pb_grpc
-from serving.repository import load_version
-from serving.runtime import GraphRunner, RuntimeOptions, load_runtime
-from serving.tensors import fill_tensor, tensor_from_proto
+from serving.api.tensors import fill_tensor, tensor_from_proto
+from serving.dataplane.repository import load_version
+from serving.dataplane.runtime import GraphSession, Provider, RuntimeOptions, load_sessions
 
 IMAGE_SHAPE = (1, 28, 28)
 KINDS = ("echo", "minimal")
@@ -56,7 +56,7 @@ class EchoServicer(pb_grpc.VaeServiceServicer):
 class MinimalServicer(pb_grpc.VaeServiceServicer):
     """Decode: latents → `decoder.run` inline → a fresh reply."""
 
-    def __init__(self, decoder: GraphRunner, latent_dim: int) -> None:
+    def __init__(self, decoder: GraphSession, latent_dim: int) -> None:
         self.decoder = decoder
         self.latent_dim = latent_dim
 
@@ -70,11 +70,11 @@ class MinimalServicer(pb_grpc.VaeServiceServicer):
         return reply
 
 
-def build_servicer(kind: str, model_dir: Path, provider: str, latent_dim: int) -> pb_grpc.VaeServiceServicer:
+def build_servicer(kind: str, model_dir: Path, provider: Provider, latent_dim: int) -> pb_grpc.VaeServiceServicer:
     if kind == "echo":
         return EchoServicer(latent_dim)
     version = load_version(model_dir)
-    runtime = load_runtime(version, RuntimeOptions(provider=provider, intra_op_threads=1))
+    runtime = load_sessions(version, RuntimeOptions(provider=provider, intra_op_threads=1))
     return MinimalServicer(runtime.decoder, version.latent_dim)
 
 

@@ -3,7 +3,7 @@
     python bench/limit.py --model-dir models/vae-mnist --threads 1 --cpus 0
 
 No server can pass these figures on the same cores: a gRPC server adds decoding, validation, batching and
-the network on top of exactly these `GraphRunner.run` calls. Prints one JSON line per graph and batch size
+the network on top of exactly these `GraphSession.run` calls. Prints one JSON line per graph and batch size
 (median rows/s over `--repeats` timed blocks of about `--block-seconds` each).
 """
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import pin_to_cpus
-from serving.repository import load_version
-from serving.runtime import GraphRunner, RuntimeOptions, load_runtime
+from serving.dataplane.repository import load_version
+from serving.dataplane.runtime import GraphSession, Provider, RuntimeOptions, load_sessions
 
 BATCH_SIZES = (1, 64, 1024)
 
 
-def rows_per_second(runner: GraphRunner, rows: np.ndarray, block_seconds: float, repeats: int) -> float:
+def rows_per_second(runner: GraphSession, rows: np.ndarray, block_seconds: float, repeats: int) -> float:
     """Median over `repeats` blocks of back-to-back runs; each block lasts about `block_seconds`."""
     runner.run(rows)  # warm: first-run allocation is not part of the steady state
     started = time.perf_counter()
@@ -47,11 +47,11 @@ def measure(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     block_seconds: float = 0.5,
     repeats: int = 5,
-    provider: str = "cpu",
+    provider: Provider = "cpu",
 ) -> list[dict[str, object]]:
     """rows/s of decoder and encoder at each batch size, as dicts ready for JSON."""
     model = load_version(model_dir)
-    runtime = load_runtime(model, RuntimeOptions(provider=provider, intra_op_threads=threads))
+    runtime = load_sessions(model, RuntimeOptions(provider=provider, intra_op_threads=threads))
     rng = np.random.default_rng(0)
     results: list[dict[str, object]] = []
     for rows in batch_sizes:

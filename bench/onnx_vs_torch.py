@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from serving.runtime import RuntimeOptions, session_options
+from serving.dataplane.runtime import RuntimeOptions, session_options
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.export import export_graphs
 from training.model import VAE, VAEConfig

@@ -1,6 +1,6 @@
 """Prometheus metrics (DESIGN.md's names) on their own registry, served over HTTP on their own port.
 
-Labels take bounded values only: method (the six RPCs), code (gRPC status names), graph (encoder, decoder),
+Labels take bounded values only: method (the service's RPCs), code (gRPC status names), graph (encoder, decoder),
 and the served model's name, version and provider. The process and platform collectors of the client
 library are registered too (CPU, memory, file descriptors, GC).
 """
@@ -15,7 +15,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import prometheus_client as prom
 from prometheus_client.exposition import ThreadingWSGIServer
 
-METHODS = ("Encode", "Decode", "Sample", "Interpolate", "GetModelInfo", "SampleStream")
 GRAPHS = ("encoder", "decoder")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
@@ -24,7 +23,8 @@ _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 class Metrics:
     """The server's metrics; also the batchers' observer (`queue_depth`, `batch_ran`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, methods: Sequence[str]) -> None:
+        """`methods`: the RPCs whose series exist from the start (zeros, not gaps, before the first request)."""
         self.registry = prom.CollectorRegistry()
         r = self.registry
         prom.ProcessCollector(registry=r)
@@ -70,7 +70,7 @@ class Metrics:
             "vae_model_info", "the served model (value 1)", ["name", "version", "provider"], registry=r
         )
         # Create every labelled series up front so dashboards see zeros, not gaps, before the first request.
-        for method in METHODS:
+        for method in methods:
             self.requests.labels(method, "OK")
             self.request_duration.labels(method)
             self.request_items.labels(method)
@@ -79,8 +79,8 @@ class Metrics:
                 family.labels(graph)
         # The labelled children, looked up once: `labels()` costs microseconds, on every request and batch.
         self._requests_by_code: dict[tuple[str, str], Any] = {}
-        self._durations = {method: self.request_duration.labels(method) for method in METHODS}
-        self._items = {method: self.request_items.labels(method) for method in METHODS}
+        self._durations = {method: self.request_duration.labels(method) for method in methods}
+        self._items = {method: self.request_items.labels(method) for method in methods}
         self._depths = {graph: self.queue_depth_rows.labels(graph) for graph in GRAPHS}
         self._batches = {
             graph: (self.batch_rows.labels(graph), self.inference.labels(graph), self.queue_wait.labels(graph))

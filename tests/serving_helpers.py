@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import subprocess
 import sys
@@ -20,16 +19,15 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.config import ServerConfig
-from serving.server import RunningServer, start_server
+from serving.server.app import RunningServer, start_server
+from serving.server.config import ServerConfig
+from serving.settings import build
 
 
 def server_config(model_dir: Path, **overrides: Any) -> ServerConfig:
-    """A server on free 127.0.0.1 ports with few threads, as the tests run it."""
-    base = ServerConfig(
-        model_dir=model_dir, host="127.0.0.1", port=0, metrics_port=0, intra_op_threads=1, grace_seconds=2.0
-    )
-    return dataclasses.replace(base, **overrides)
+    """A server on free 127.0.0.1 ports with few threads, as the tests run it; overrides by setting name."""
+    defaults = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "intra_op_threads": 1, "grace_seconds": 2.0}
+    return build(ServerConfig, {**defaults, "model_dir": model_dir, **overrides})
 
 
 class ServerThread:

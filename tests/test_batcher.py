@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from serving.batcher import WAIT_MODES, Batcher, BatchPolicy, batch_wait_seconds, expected_rows
-from serving.config import BATCH_WAITS
+from serving.dataplane.batcher import Batcher, BatchPolicy, batch_wait_seconds, expected_rows
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
 
@@ -90,7 +89,7 @@ async def test_a_lone_request_runs_at_once_without_waiting_out_the_delay() -> No
 
 async def test_fixed_wait_holds_a_lone_request_for_the_delay() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=50, wait="fixed"), model)
+    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=50, batch_wait="fixed"), model)
     loop = asyncio.get_running_loop()
     sent = loop.time()
     await asyncio.wait_for(batcher.run(rows(2)), timeout=5)
@@ -127,7 +126,7 @@ async def test_the_wait_for_expected_rows_ends_at_max_delay() -> None:
 
 
 def test_wait_policy_runs_at_once_unless_more_rows_are_expected_soon() -> None:
-    adaptive, fixed = BatchPolicy(max_batch_size=8, max_delay_ms=10), BatchPolicy(8, 10, wait="fixed")
+    adaptive, fixed = BatchPolicy(max_batch_size=8, max_delay_ms=10), BatchPolicy(8, 10, batch_wait="fixed")
     # queued rows, waited s, expected rows, gap since the last batch s
     assert batch_wait_seconds(adaptive, 1, 0.0, 0, float("inf")) == 0  # first request ever
     assert batch_wait_seconds(adaptive, 1, 0.0, 1, 0.001) == 0  # a lone caller: expected no more than queued
@@ -161,10 +160,6 @@ def test_expected_rows_is_the_recent_peak_or_one_more_than_arrived_during_a_run(
     assert expected_rows(policy, peak_rows=1, rows_during_run=2) == 3  # two came during the run
     assert expected_rows(policy, peak_rows=1, rows_during_run=0) == 1  # a lone caller
     assert expected_rows(policy, peak_rows=20, rows_during_run=9) == 8  # at most a full batch
-
-
-def test_server_config_offers_the_batchers_wait_modes() -> None:
-    assert BATCH_WAITS == WAIT_MODES
 
 
 async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:

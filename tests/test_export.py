@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.repository import list_versions, load_version
+from serving.dataplane.repository import list_versions, load_version
 from tests.helpers import mnist_5k_images, train_tiny_checkpoint
 from training import export as export_module
 from training.checkpoint import load_checkpoint, model_from_checkpoint

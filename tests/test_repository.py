@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.repository import ModelRepositoryError, list_versions, load_version
+from serving.dataplane.repository import ModelRepositoryError, list_versions, load_version
 
 
 def copy_model(exported_repository: Path, tmp_path: Path, name: str = "vae-mnist") -> Path:
@@ -32,7 +32,10 @@ def edit_manifest(version_dir: Path, change: Any) -> None:
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "serving.repository", "check", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "serving.dataplane.repository", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -172,7 +175,7 @@ def test_unloadable_graph_with_matching_checksum_is_refused(exported_repository:
     model_dir = copy_model(exported_repository, tmp_path)
     garbage = b"not an onnx model"
     (model_dir / "1" / "decoder.onnx").write_bytes(garbage)
-    from serving.repository import sha256_hex
+    from serving.dataplane.repository import sha256_hex
 
     edit_manifest(model_dir / "1", lambda m: m["graphs"]["decoder"].update(sha256=sha256_hex(garbage)))
     with pytest.raises(ModelRepositoryError, match=r"1/decoder\.onnx: onnxruntime cannot load the graph"):
@@ -186,7 +189,7 @@ def test_version_copied_under_another_name_is_refused(exported_repository: Path,
 
 
 def test_serving_repository_imports_no_torch() -> None:
-    code = "import sys, serving.repository; print('torch' in sys.modules, 'onnx' in sys.modules)"
+    code = "import sys, serving.dataplane.repository; print('torch' in sys.modules, 'onnx' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split() == ["False", "False"]
 

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from serving.client import VaeClient, VaeError
-from serving.repository import ModelRepositoryError
-from serving.server import start_server
+from serving.dataplane.repository import ModelRepositoryError
+from serving.server.app import start_server
 from tests.serving_helpers import DirectGraphs, ServerProcess, running_server, server_config
 
 GRACE_SECONDS = 5.0

@@ -11,8 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
+from serving.api import SERVICE_METHODS as METHODS
 from serving.client import VaeClient, VaeError
-from serving.metrics import GRAPHS, METHODS
+from serving.metrics import GRAPHS
 from tests.serving_helpers import DirectGraphs, ServerThread, running_server, scrape, wait_until
 
 
@@ -141,7 +142,7 @@ def test_concurrent_clients_all_get_their_own_answers(vae_server: ServerThread, 
 def test_request_logging_writes_one_json_line_per_request(
     exported_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="serving.service")
+    caplog.set_level("INFO", logger="serving.grpc.interceptors")
     with running_server(exported_repository, log_requests=True) as server, VaeClient(server.target) as client:
         client.sample(3, seed=0)
         with pytest.raises(VaeError):

@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from serving.config import ConfigError, ServerConfig, build_parser, load_config
-
-
-def load(argv: list[str], environ: dict[str, str]) -> ServerConfig:
-    return load_config(build_parser("test", "test").parse_args(argv), environ)
+from serving import settings
+from serving.server.config import ENV_PREFIX, ServerConfig, build_parser, load_config
+from serving.settings import SettingError
 
 
 def test_defaults_without_flags_or_environment() -> None:
-    assert load([], {}) == ServerConfig()
+    assert load_config([], {}) == ServerConfig()
 
 
-def test_every_field_has_an_env_twin_and_flags_win_over_it() -> None:
+def test_every_setting_has_an_env_twin_and_flags_win_over_it() -> None:
     environ = {"VAE_MODEL_DIR": "/m", "VAE_GRPC_PORT": "6000", "VAE_MAX_DELAY_MS": "0.5", "VAE_LOG_REQUESTS": "yes"}
-    config = load(["--port", "7000"], environ)
-    assert (config.model_dir, config.port, config.max_delay_ms, config.log_requests) == (Path("/m"), 7000, 0.5, True)
-    envs = [field.metadata["env"] for field in dataclasses.fields(ServerConfig)]
+    config = load_config(["--port", "7000"], environ)
+    assert config.model.model_dir == Path("/m") and config.network.port == 7000
+    assert config.batching.max_delay_ms == 0.5 and config.process.log_requests is True
+    envs = [spec.env(ENV_PREFIX) for spec in settings.specs(ServerConfig)]
     assert all(env.startswith("VAE_") for env in envs) and len(set(envs)) == len(envs)
+    # the names the ConfigMap and the docs use
     for required in ("VAE_MODEL_DIR", "VAE_GRPC_PORT", "VAE_METRICS_PORT", "VAE_MAX_BATCH_SIZE", "VAE_MAX_DELAY_MS"):
         assert required in envs
-    for other in ("VAE_PROVIDER", "VAE_HOST", "VAE_MODEL_VERSION", "VAE_INTRA_OP_THREADS", "VAE_MAX_QUEUE_ROWS"):
-        assert other in envs
-    for other in ("VAE_MAX_ITEMS_PER_REQUEST", "VAE_GRACE_SECONDS", "VAE_LOG_REQUESTS"):
-        assert other in envs
+
+
+def test_each_component_gets_its_own_section_as_defined() -> None:
+    config = load_config(["--max-batch-size", "8", "--provider", "cpu", "--max-sample-streams", "3"], {})
+    assert config.batching.max_batch_size == 8 and config.runtime.provider == "cpu"
+    assert config.limits.max_sample_streams == 3
+    assert settings.replace(config, max_batch_size=16).batching.max_batch_size == 16
 
 
 @pytest.mark.parametrize(
@@ -39,28 +41,39 @@ def test_every_field_has_an_env_twin_and_flags_win_over_it() -> None:
     [
         ([], {"VAE_MAX_BATCH_SIZE": "many"}, "VAE_MAX_BATCH_SIZE='many' is not an integer"),
         (["--max-delay-ms", "soon"], {}, "--max-delay-ms='soon' is not a number"),
-        ([], {"VAE_INLINE_MAX_MS": "-1"}, "--inline-max-ms (VAE_INLINE_MAX_MS) must be a finite number >= 0, got -1"),
+        ([], {"VAE_INLINE_MAX_MS": "-1"}, "--inline-max-ms (VAE_INLINE_MAX_MS) must be >= 0, got -1.0"),
+        ([], {"VAE_GRACE_SECONDS": "inf"}, "--grace-seconds (VAE_GRACE_SECONDS) must be a finite number, got inf"),
         ([], {"VAE_LOG_REQUESTS": "maybe"}, "VAE_LOG_REQUESTS='maybe' is not true or false"),
         ([], {"VAE_PROVIDER": "tpu"}, "--provider (VAE_PROVIDER) must be one of auto, cuda, cpu, got 'tpu'"),
         (["--max-batch-size", "0"], {}, "--max-batch-size (VAE_MAX_BATCH_SIZE) must be >= 1, got 0"),
-        ([], {"VAE_GRPC_PORT": "70000"}, "--port (VAE_GRPC_PORT) must be a port number (0..65535), got 70000"),
-        ([], {"VAE_MAX_QUEUE_ROWS": "10"}, "--max-queue-rows (VAE_MAX_QUEUE_ROWS) (10) must be >= max_batch_size"),
-        ([], {"VAE_MODEL_VERSION": "0"}, "--model-version (VAE_MODEL_VERSION) must be a positive integer, got 0"),
+        ([], {"VAE_GRPC_PORT": "70000"}, "--port (VAE_GRPC_PORT) must be <= 65535, got 70000"),
+        ([], {"VAE_MAX_QUEUE_ROWS": "10"}, "--max-queue-rows (VAE_MAX_QUEUE_ROWS) (10) must be >= --max-batch-size"),
+        (
+            ["--max-queue-rows", "100"],
+            {},
+            "--max-queue-rows (VAE_MAX_QUEUE_ROWS) (100) must be >= --max-items-per-request",
+        ),
+        ([], {"VAE_MODEL_VERSION": "0"}, "--model-version (VAE_MODEL_VERSION) must be >= 1, got 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_flag_or_variable(
     argv: list[str], environ: dict[str, str], message: str
 ) -> None:
-    with pytest.raises(ConfigError) as raised:
-        load(argv, environ)
+    with pytest.raises(SettingError) as raised:
+        load_config(argv, environ)
     assert str(raised.value).startswith(message)
 
 
+def test_an_empty_variable_leaves_an_optional_setting_unset() -> None:
+    assert load_config([], {"VAE_MODEL_VERSION": "", "VAE_TLS_CERT": ""}) == ServerConfig()
+    assert load_config([], {"VAE_MODEL_VERSION": "3"}).model.model_version == 3
+
+
 def test_help_documents_every_flag_with_its_variable_and_default() -> None:
-    text = " ".join(build_parser("python -m serving.server", "").format_help().split())
-    for field in dataclasses.fields(ServerConfig):
-        assert field.metadata["env"] in text
-    assert "--model-dir DIR" in text and "--port PORT" in text and "--metrics-port PORT" in text
+    text = " ".join(build_parser().format_help().split())
+    for spec in settings.specs(ServerConfig):
+        assert f"{spec.flag} " in text and spec.env(ENV_PREFIX) in text
+    assert "--model-dir DIR" in text and "default models/vae-mnist" in text and "default 50051" in text
 
 
 def test_server_exits_2_with_one_line_for_a_bad_variable() -> None:
@@ -76,10 +89,12 @@ def test_server_exits_2_with_one_line_for_a_bad_variable() -> None:
 
 
 def test_connection_age_becomes_grpc_server_options() -> None:
-    from serving.server import grpc_options
+    from serving.server.app import grpc_options
 
-    options = dict(grpc_options(load(["--max-connection-age-seconds", "1.5"], {})))
+    options = dict(grpc_options(load_config(["--max-connection-age-seconds", "1.5"], {})))
     assert options["grpc.max_connection_age_ms"] == 1500 and options["grpc.max_connection_age_grace_ms"] == 1500
-    assert "grpc.max_connection_age_ms" not in dict(grpc_options(load([], {"VAE_MAX_CONNECTION_AGE_SECONDS": "0"})))
-    with pytest.raises(ConfigError, match="max-connection-age-seconds"):
-        load(["--max-connection-age-seconds", "-1"], {})
+    assert "grpc.max_connection_age_ms" not in dict(
+        grpc_options(load_config([], {"VAE_MAX_CONNECTION_AGE_SECONDS": "0"}))
+    )
+    with pytest.raises(SettingError, match="max-connection-age-seconds"):
+        load_config(["--max-connection-age-seconds", "-1"], {})

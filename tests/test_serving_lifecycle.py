@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import client as client_cli
 from serving.client import VaeClient, VaeError
-from serving.server import StartupError, start_server
+from serving.client import cli as client_cli
+from serving.server.app import StartupError, start_server
 from tests.serving_helpers import DirectGraphs, ServerProcess, ServerThread, scrape, server_config, wait_until
 
 

@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving import codegen
-from serving.api import SERVICE_NAME, pb
+from serving.api import SERVICE_NAME, codegen, pb
 
 # DESIGN.md's contract: message → {field: number}. Adding is allowed; renaming or renumbering is not.
 CONTRACT = {

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving.api import pb
 from serving.client import VaeClient, VaeError
-from serving.interpolation import interpolate
+from serving.dataplane.interpolation import interpolate
 from tests.serving_helpers import DirectGraphs, ServerThread
 
 TOLERANCE = 1e-5

@@ -9,15 +9,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from serving.api import pb
-from serving.errors import InvalidRequest
-from serving.tensors import (
-    array_from_wire,
-    method_from_proto,
-    output_dtype_from_proto,
-    tensor_from_proto,
-    tensor_to_proto,
+from serving.api.tensors import WireFormatError, array_from_wire, tensor_from_proto, tensor_to_proto
+from serving.dataplane.validation import (
+    check_count,
+    check_endpoints,
+    check_images,
+    check_latents,
+    check_steps,
+    check_temperature,
 )
-from serving.validation import check_count, check_endpoints, check_images, check_latents, check_steps, check_temperature
+from serving.errors import InvalidRequest
+from serving.grpc.converters import method_from_proto, output_dtype_from_proto
 
 IMAGE = (1, 28, 28)
 
@@ -60,7 +62,7 @@ def test_wire_bytes_are_little_endian_c_order() -> None:
     ],
 )
 def test_malformed_tensors_are_invalid(shape: list[int], dtype: int, data: bytes, message: str) -> None:
-    with pytest.raises(InvalidRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(WireFormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
         array_from_wire(shape, dtype, data, "images")
 
 

@@ -33,7 +33,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from serving import repository as repo
+from serving.dataplane import repository as repo
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.model import VAE
 

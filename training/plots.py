@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
+from serving.dataplane.interpolation import interpolate
 from training.data import Dataset
 from training.evaluate import encode_all
 from training.model import VAE
@@ -28,23 +29,6 @@ from training.model import VAE
 INTERPOLATION_STEPS = 10
 INTERPOLATION_PAIRS = ((1, 7), (3, 8), (4, 9), (0, 6))  # label pairs (digits that look alike make good strips)
 TRAVERSAL_STEPS = 11
-
-
-def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between rows of z0 and z1 [N, D] at fractions t [S]; → [N, S, D].
-    Falls back to linear interpolation for nearly parallel vectors, where the angle is ill-conditioned."""
-    cos = torch.nn.functional.cosine_similarity(z0, z1, dim=-1).clamp(-1.0, 1.0)[:, None, None]
-    omega = torch.arccos(cos)
-    t = t[None, :, None]
-    linear = (1 - t) * z0[:, None] + t * z1[:, None]
-    sin = torch.sin(omega)
-    spherical = (torch.sin((1 - t) * omega) * z0[:, None] + torch.sin(t * omega) * z1[:, None]) / sin.clamp_min(1e-6)
-    return torch.where(sin.abs() < 1e-4, linear, spherical)
-
-
-def lerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation, same shapes as `slerp`."""
-    return (1 - t[None, :, None]) * z0[:, None] + t[None, :, None] * z1[:, None]
 
 
 def draw_all(
@@ -123,12 +107,13 @@ def interpolations(model: VAE, images: torch.Tensor, labels: torch.Tensor, path:
             names.append(f"{a}→{b}")
     z0, _ = model.encode(torch.stack(starts))
     z1, _ = model.encode(torch.stack(ends))
-    t = torch.linspace(0, 1, INTERPOLATION_STEPS, device=z0.device)
     figure, axes = plt.subplots(2 * len(names), 1, figsize=(INTERPOLATION_STEPS * 0.9, 2.0 * len(names)))
     for index, name in enumerate(names):
-        for row, (method, path_z) in enumerate((("linear", lerp(z0, z1, t)), ("slerp", slerp(z0, z1, t)))):
+        for row, method in enumerate(("linear", "slerp")):
+            path_z = interpolate(z0.cpu().numpy(), z1.cpu().numpy(), INTERPOLATION_STEPS, method)[index]
+            decoded = model.decode(torch.from_numpy(path_z).to(z0.device))
             axis = axes[2 * index + row]
-            axis.imshow(_grid(model.decode(path_z[index]), nrow=INTERPOLATION_STEPS), cmap="gray", vmin=0, vmax=1)
+            axis.imshow(_grid(decoded, nrow=INTERPOLATION_STEPS), cmap="gray", vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])
             axis.set_ylabel(f"{name}\n{method}", rotation=0, ha="right", va="center")

@@ -1,6 +1,6 @@
 """onnxruntime sessions for a verified model version: provider choice, session options, warm-up.
 
-`GraphRunner.run(array)` is the synchronous numpy-in, numpy-out call the batcher runs in a thread. Sessions
+`GraphSession.run(array)` is the synchronous numpy-in, numpy-out call the batcher runs in a thread. Sessions
 are built from the verified bytes in the `ModelVersion`, never by re-reading files, so replacing a model
 directory while serving cannot change what runs.
 """
@@ -13,11 +13,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from serving.repository import GraphSpec, ModelVersion
+from serving.dataplane.repository import GraphSpec, ModelVersion
+from serving.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +37,28 @@ class ProviderUnavailable(RuntimeError):
     """The requested execution provider cannot run here (e.g. `cuda` on a machine without a usable GPU)."""
 
 
+Provider = Literal["auto", "cuda", "cpu"]
+GraphOptimization = Literal["all", "extended", "basic", "disable"]
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
-    provider: str = "auto"  # auto | cuda | cpu
-    intra_op_threads: int = 0  # 0: onnxruntime's default
-    graph_optimization: str = "all"  # all | extended | basic | disable
+    """How onnxruntime runs the graphs."""
+
+    provider: Provider = setting("auto", "onnxruntime execution provider: auto (CUDA if usable, else CPU), cuda, cpu")
+    intra_op_threads: int = setting(
+        0, "onnxruntime threads per graph run (0: onnxruntime's default, one per core)", minimum=0, metavar="N"
+    )
+    graph_optimization: GraphOptimization = setting("all", "onnxruntime graph optimization level")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
-class GraphRunner:
+class GraphSession:
     """One onnxruntime session; input and output names come from the graph's spec (the manifest)."""
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession) -> None:
-        self.spec = spec
         self.session = session
         self.input_name = spec.inputs[0].name
         self.output_names = [output.name for output in spec.outputs]
@@ -58,12 +70,12 @@ class GraphRunner:
 
 
 @dataclass(frozen=True)
-class ModelRuntime:
+class GraphSessions:
     """The encoder and decoder of one model version, ready to run."""
 
-    model: ModelVersion
-    encoder: GraphRunner
-    decoder: GraphRunner
+    version: ModelVersion
+    encoder: GraphSession
+    decoder: GraphSession
 
     @property
     def provider(self) -> str:
@@ -72,9 +84,9 @@ class ModelRuntime:
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run both graphs once per batch size, so the first requests do not pay for allocation and tuning."""
         for rows in batch_sizes:
-            images = np.zeros((rows, *self.model.image_shape), np.float32)
+            images = np.zeros((rows, *self.version.image_shape), np.float32)
             self.encoder.run(images)
-            self.decoder.run(np.zeros((rows, self.model.latent_dim), np.float32))
+            self.decoder.run(np.zeros((rows, self.version.latent_dim), np.float32))
 
 
 def session_options(options: RuntimeOptions) -> ort.SessionOptions:
@@ -91,7 +103,7 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return session_options
 
 
-def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
+def load_sessions(version: ModelVersion, options: RuntimeOptions) -> GraphSessions:
     """Sessions for both graphs on the chosen provider; raises ProviderUnavailable for an unusable `cuda`."""
     wants_cuda = options.provider in ("auto", "cuda")
     offered = ort.get_available_providers()
@@ -111,8 +123,8 @@ def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
     ort.set_default_logger_severity(4 if options.provider == "auto" else 3)
     try:
         encoder, decoder = (
-            GraphRunner(spec, ort.InferenceSession(spec.model_bytes, session_options(options), providers=providers))
-            for spec in (model.encoder, model.decoder)
+            GraphSession(spec, ort.InferenceSession(spec.model_bytes, session_options(options), providers=providers))
+            for spec in (version.encoder, version.decoder)
         )
     finally:
         ort.set_default_logger_severity(2)
@@ -123,7 +135,7 @@ def load_runtime(model: ModelVersion, options: RuntimeOptions) -> ModelRuntime:
             raise ProviderUnavailable("provider cuda requested but no usable CUDA device or libraries were found")
         reason = "onnxruntime offers CUDA but could not create it here (no GPU, or CUDA/cuDNN libraries missing)"
         log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
-    return ModelRuntime(model, encoder, decoder)
+    return GraphSessions(version, encoder, decoder)
 
 
 def _nvidia_driver_present() -> bool:

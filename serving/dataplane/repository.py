@@ -9,7 +9,7 @@ manifest's sha256, the graph's real inputs and outputs (read by onnxruntime from
 the manifest declares, and the declared ones are the contract above for the manifest's latent_dim.
 Sessions are built from the verified bytes (`GraphSpec.model_bytes`), never by re-reading the file.
 
-    python -m serving.repository check models/vae-mnist [--version N]
+    python -m serving.dataplane.repository check models/vae-mnist [--version N]
 
 No torch here: onnxruntime (already a serving dependency) reads the graphs' signatures, so serving needs
 no `onnx` package, and a graph that onnxruntime cannot load is refused at load time, not at the first call.
@@ -88,6 +88,10 @@ class ModelVersion:
     encoder: GraphSpec  # x [batch,1,28,28] float32 → mu, log_var [batch, latent_dim]
     decoder: GraphSpec  # z [batch, latent_dim] float32 → x [batch,1,28,28] in [0,1]
     manifest: dict[str, Any]  # model.json as read
+
+    @property
+    def manifest_json(self) -> str:
+        return json.dumps(self.manifest, sort_keys=True)
 
 
 def expected_signatures(latent_dim: int, image_shape: tuple[int, ...]) -> dict[str, tuple[tuple[TensorSpec, ...], ...]]:
@@ -326,7 +330,9 @@ def check(model_dir: Path, version: int | None = None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.repository", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.dataplane.repository", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="verify every version (or one) of a model directory")
     check_parser.add_argument("model_dir", type=Path, help="e.g. models/vae-mnist")

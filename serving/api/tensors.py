@@ -1,24 +1,19 @@
-"""Protobuf `Tensor` ↔ numpy, and the request enums → plain values: the servicer's translation helpers.
+"""The wire format of `Tensor` (raw little-endian, C-order bytes) ↔ numpy: shared by server and client.
 
-Arrays are built with `np.frombuffer` (no copy) and written with `tobytes()`; the wire format is raw
-little-endian C-order bytes, as the proto says. Every failure is an `InvalidRequest` naming the field.
-Replies are filled in place (`fill_tensor(response.images, images)`): passing a built `Tensor` to a
-response's constructor copies its bytes once more.
+Arrays are built with `np.frombuffer` (no copy) and written with `tobytes()`. Replies are filled in place
+(`fill_tensor(response.images, images)`): passing a built `Tensor` to a response's constructor copies its
+bytes once more. A Tensor that does not describe an array raises `WireFormatError` naming the field: the
+server answers INVALID_ARGUMENT, the client reports a malformed reply.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 
 from serving.api import pb
-from serving.errors import InvalidRequest
-
-OutputDType = Literal["float32", "uint8"]
-Method = Literal["linear", "slerp"]
 
 WIRE_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -26,34 +21,28 @@ WIRE_DTYPES: dict[int, np.dtype] = {
 }
 _DTYPE_ENUMS: dict[np.dtype, pb.DType] = {np.dtype("float32"): pb.DTYPE_FLOAT32, np.dtype("uint8"): pb.DTYPE_UINT8}
 _WIRE_ORDER: dict[np.dtype, np.dtype] = {dtype: dtype.newbyteorder("<") for dtype in _DTYPE_ENUMS}
-_OUTPUT_DTYPES: dict[int, OutputDType] = {
-    pb.DTYPE_UNSPECIFIED: "float32",
-    pb.DTYPE_FLOAT32: "float32",
-    pb.DTYPE_UINT8: "uint8",
-}
-_METHODS: dict[int, Method] = {
-    pb.INTERPOLATION_METHOD_UNSPECIFIED: "linear",
-    pb.LINEAR: "linear",
-    pb.SLERP: "slerp",
-}
+
+
+class WireFormatError(ValueError):
+    """A Tensor's shape, dtype and bytes do not describe an array; the message names the field."""
 
 
 def array_from_wire(shape: Sequence[int], dtype: int, data: bytes, field: str) -> np.ndarray:
     """The array a `Tensor` describes (read-only view of `data`), after checking dtype, shape and byte length."""
     if not shape and not data and dtype == pb.DTYPE_UNSPECIFIED:
-        raise InvalidRequest(f"{field} is missing: set its shape, dtype and data")
+        raise WireFormatError(f"{field} is missing: set its shape, dtype and data")
     wire_dtype = WIRE_DTYPES.get(dtype)
     if wire_dtype is None:
         name = pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
-        raise InvalidRequest(f"{field}.dtype {name} is not supported: use DTYPE_FLOAT32 or DTYPE_UINT8")
+        raise WireFormatError(f"{field}.dtype {name} is not supported: use DTYPE_FLOAT32 or DTYPE_UINT8")
     dims = tuple(int(d) for d in shape)
     if not dims:
-        raise InvalidRequest(f"{field} has an empty shape; expected one dimension or more")
+        raise WireFormatError(f"{field} has an empty shape; expected one dimension or more")
     if any(d < 0 for d in dims):
-        raise InvalidRequest(f"{field}.shape {list(dims)} has a negative dimension")
+        raise WireFormatError(f"{field}.shape {list(dims)} has a negative dimension")
     expected_bytes = math.prod(dims) * wire_dtype.itemsize
     if len(data) != expected_bytes:
-        raise InvalidRequest(
+        raise WireFormatError(
             f"{field}.data has {len(data)} bytes but shape {list(dims)} of {wire_dtype.name} needs {expected_bytes}"
         )
     return np.frombuffer(data, dtype=wire_dtype).reshape(dims)
@@ -76,17 +65,3 @@ def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
     tensor = pb.Tensor()
     fill_tensor(tensor, array)
     return tensor
-
-
-def output_dtype_from_proto(value: int, field: str = "output_dtype") -> OutputDType:
-    """DTYPE_UNSPECIFIED and DTYPE_FLOAT32 → "float32", DTYPE_UINT8 → "uint8"; anything else is invalid."""
-    if value not in _OUTPUT_DTYPES:
-        raise InvalidRequest(f"{field} {value} is not a known DType: use DTYPE_FLOAT32 (default) or DTYPE_UINT8")
-    return _OUTPUT_DTYPES[value]
-
-
-def method_from_proto(value: int) -> Method:
-    """INTERPOLATION_METHOD_UNSPECIFIED and LINEAR → "linear", SLERP → "slerp"; anything else is invalid."""
-    if value not in _METHODS:
-        raise InvalidRequest(f"method {value} is not a known InterpolationMethod: use LINEAR (default) or SLERP")
-    return _METHODS[value]

@@ -1,28 +1,16 @@
 """Dynamic batching: concurrent requests' rows merged into one model run, then split back.
 
-One `Batcher` per graph. A request's rows wait in a bounded queue; a worker task takes whole requests from
-the front, runs them as one batch in a thread (onnxruntime releases the GIL, so the event loop keeps
-accepting requests meanwhile) and hands each request its slice of the outputs. While one batch runs, the
-next one fills ("continuous" batching): under load batches grow by themselves.
+One `Batcher` per graph. Requests queue their rows (bounded: beyond `max_queue_rows` a request is refused
+with `Overloaded`); a worker task takes whole requests from the front, up to `max_batch_size` rows, runs
+them as one batch in a thread (onnxruntime releases the GIL, so the event loop keeps accepting requests)
+and hands each request its slice. While one batch runs the next one fills, so batches grow with load.
 
-When the worker is free and rows are queued, `batch_wait_seconds` decides whether to run them now or to
-wait (at most `max_delay_ms` after the oldest arrived) for more. With `wait="adaptive"` (the default) it
-waits only when more rows are likely soon, i.e. the last batch ended less than `max_delay_ms` before the
-oldest queued request arrived, and fewer rows are queued than `expected_rows`: the largest batch of the
-last 10 x `max_delay_ms` (the callers of recent batches are coming back), or one more than arrived while
-the last batch ran (those callers are concurrent). A lone caller, or the first request after a quiet
-spell, runs at once instead of waiting out the delay. `wait="fixed"` always waits for a full batch or the
-delay (fewest runs, most latency for light traffic).
-
-Small batches skip the thread: a batch whose recent runs of the same row count took at most
-`inline_max_ms` runs on the event-loop thread itself. Handing a run to the onnxruntime thread and back
-costs about 0.1 ms on one core (two thread switches and a wake-up of the loop), close to what a 1-row
-decode costs; for such runs the loop has nothing worth doing meanwhile. A row count not seen yet runs in
-the thread first, and every run updates its estimate, so a slower machine or a GPU finds its own split.
-
-Requests larger than `max_batch_size` are split into chunks. A request whose caller went away (its future
-was cancelled) or whose deadline passed is dropped before it runs. The queue holds at most
-`max_queue_rows` rows: beyond that `run` raises `Overloaded` at once instead of growing memory and latency.
+`batch_wait_seconds` decides whether queued rows run now or wait for more: under `adaptive` only when
+recent batches say more rows are coming, so a lone request never waits out the delay. Batches whose recent
+runs were faster than `inline_max_ms` run on the event-loop thread: for them the hand-off to a thread and
+back costs as much as the run. Requests larger than `max_batch_size` run in chunks; cancelled and expired
+requests are dropped before they run. docs/serving.md describes the policy, docs/performance.md what each
+part gained.
 """
 
 from __future__ import annotations
@@ -34,11 +22,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
+from serving.settings import SettingError, check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +53,6 @@ class _NoObserver:
         pass
 
 
-WAIT_MODES = ("adaptive", "fixed")
 # How long a batch keeps counting as "recent" for the adaptive policy, in multiples of max_delay_ms.
 _PEAK_HORIZON_DELAYS = 10
 # Weight of the newest run in the moving average of run times that decides which batches run inline.
@@ -73,24 +61,37 @@ _RUN_SECONDS_WEIGHT = 0.2
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_batch_size: int = 64  # rows per model run, at most
-    max_delay_ms: float = 2.0  # how long the oldest waiting request may wait for others to join it
-    max_queue_rows: int = 4096  # rows waiting, at most; beyond it requests are refused (RESOURCE_EXHAUSTED)
-    wait: str = "adaptive"  # adaptive: wait only when more rows are likely soon; fixed: always (see module doc)
-    inline_max_ms: float = 0.25  # batches expected to run this fast run on the event loop (0: never; module doc)
+    """How requests are merged into onnxruntime runs (one policy for both graphs)."""
+
+    max_batch_size: int = setting(
+        64, "rows per onnxruntime run, at most; larger requests run in chunks", minimum=1, metavar="ROWS"
+    )
+    max_delay_ms: float = setting(
+        2.0, "how long a request may wait for others to share its batch", minimum=0, metavar="MS"
+    )
+    batch_wait: Literal["adaptive", "fixed"] = setting(
+        "adaptive",
+        "when a batch waits up to --max-delay-ms for more rows: adaptive (only when recent traffic makes more "
+        "likely; a lone request runs at once), fixed (always, unless the batch is full)",
+    )
+    inline_max_ms: float = setting(
+        0.25,
+        "batches whose recent runs took at most this long run on the event-loop thread instead of being handed "
+        "to the onnxruntime thread and back; 0: never",
+        minimum=0,
+        metavar="MS",
+    )
+    max_queue_rows: int = setting(
+        4096, "rows waiting per graph, at most; beyond it RESOURCE_EXHAUSTED", minimum=1, metavar="ROWS"
+    )
 
     def __post_init__(self) -> None:
-        if self.wait not in WAIT_MODES:
-            raise ValueError(f"wait must be one of {', '.join(WAIT_MODES)}, got {self.wait!r}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_delay_ms < 0:
-            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
-        if self.inline_max_ms < 0:
-            raise ValueError(f"inline_max_ms must be >= 0, got {self.inline_max_ms}")
+        check_settings(self)
         if self.max_queue_rows < self.max_batch_size:
-            raise ValueError(
-                f"max_queue_rows ({self.max_queue_rows}) must be >= max_batch_size ({self.max_batch_size})"
+            raise SettingError(
+                "{max_queue_rows} ({rows}) must be >= {max_batch_size} ({batch}), or a full batch could never queue",
+                rows=self.max_queue_rows,
+                batch=self.max_batch_size,
             )
 
 
@@ -109,7 +110,7 @@ def batch_wait_seconds(
     max_delay_s = policy.max_delay_ms / 1000.0
     if queued_rows >= policy.max_batch_size or oldest_waited_s >= max_delay_s:
         return 0.0
-    if policy.wait == "adaptive" and (queued_rows >= expected_rows or previous_gap_s > max_delay_s):
+    if policy.batch_wait == "adaptive" and (queued_rows >= expected_rows or previous_gap_s > max_delay_s):
         return 0.0
     return max_delay_s - oldest_waited_s
 
@@ -243,7 +244,7 @@ class Batcher:
             expected = expected_rows(self.policy, self._peak_rows, during)
             wait_s = batch_wait_seconds(self.policy, self._queued_rows, now - oldest, expected, gap_s)
             if wait_s > 0:  # wake early once the expected (adaptive) or a full batch is queued
-                self._wake_at_rows = expected if self.policy.wait == "adaptive" else self.policy.max_batch_size
+                self._wake_at_rows = expected if self.policy.batch_wait == "adaptive" else self.policy.max_batch_size
                 await self._sleep(wait_s)
                 continue
             batch = self._take(now)

@@ -1,0 +1,46 @@
+"""Request fields → data-plane values: the proto enums, and the call's deadline on the event loop's clock.
+
+(Tensors ↔ numpy is `serving.api.tensors`, shared with the client.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from serving.api import pb
+from serving.dataplane.engine import OutputDType
+from serving.dataplane.interpolation import Method
+from serving.errors import InvalidRequest
+
+_OUTPUT_DTYPES: dict[int, OutputDType] = {
+    pb.DTYPE_UNSPECIFIED: "float32",
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_UINT8: "uint8",
+}
+_METHODS: dict[int, Method] = {
+    pb.INTERPOLATION_METHOD_UNSPECIFIED: "linear",
+    pb.LINEAR: "linear",
+    pb.SLERP: "slerp",
+}
+
+
+def output_dtype_from_proto(value: int, field: str = "output_dtype") -> OutputDType:
+    """DTYPE_UNSPECIFIED and DTYPE_FLOAT32 → "float32", DTYPE_UINT8 → "uint8"; anything else is invalid."""
+    if value not in _OUTPUT_DTYPES:
+        raise InvalidRequest(f"{field} {value} is not a known DType: use DTYPE_FLOAT32 (default) or DTYPE_UINT8")
+    return _OUTPUT_DTYPES[value]
+
+
+def method_from_proto(value: int) -> Method:
+    """INTERPOLATION_METHOD_UNSPECIFIED and LINEAR → "linear", SLERP → "slerp"; anything else is invalid."""
+    if value not in _METHODS:
+        raise InvalidRequest(f"method {value} is not a known InterpolationMethod: use LINEAR (default) or SLERP")
+    return _METHODS[value]
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as event-loop time (what the batcher drops expired work by); None: no deadline."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining

@@ -1,0 +1,242 @@
+"""The gRPC server process: model load and warm-up, VaeService, health, reflection, /metrics, signals.
+
+    python -m serving.server --model-dir models/vae-mnist --port 50051 --metrics-port 9090
+
+Every flag has an environment twin (`--help` lists them). Health reports SERVING for "" and
+"vae.v1.VaeService" only once the graphs are loaded and warmed up. On SIGTERM or SIGINT the server drains:
+health goes NOT_SERVING, new requests get UNAVAILABLE, requests in flight have `--grace-seconds` to finish,
+then the process exits 0. Log lines are JSON, one per event, on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from serving import settings
+from serving.api import SERVICE_METHODS, SERVICE_NAME, pb_grpc
+from serving.dataplane.engine import VaeEngine
+from serving.dataplane.repository import ModelRepositoryError, load_version
+from serving.dataplane.runtime import ProviderUnavailable, load_sessions
+from serving.errors import StartupError
+from serving.grpc.interceptors import RequestInterceptor
+from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
+from serving.metrics import Metrics
+from serving.server.config import ServerConfig, load_config
+from serving.server.logs import setup_logging
+from serving.server.tls import server_credentials
+from serving.settings import SettingError
+
+log = logging.getLogger("serving")
+
+DRAIN_LINGER_SECONDS = 0.25  # after the last accepted call, before connections close
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its ports and parts, and `stop` for a graceful drain."""
+
+    config: ServerConfig
+    grpc_port: int
+    metrics_port: int
+    engine: VaeEngine
+    interceptor: RequestInterceptor
+    metrics: Metrics
+    health: health_aio.HealthServicer
+    server: grpc.aio.Server
+    metrics_http: WSGIServer
+    executor: ThreadPoolExecutor
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, let those in flight finish within the grace period, stop."""
+        grace = self.config.process.grace_seconds if grace_seconds is None else grace_seconds
+        started = time.perf_counter()
+        log.info("server_draining", extra={"fields": {"grace_seconds": grace}})
+        await self.health.enter_graceful_shutdown()
+        # Finish the accepted calls while their connections stay open, and give clients a moment to read the
+        # last replies before gRPC closes the connections: a reply still unread by the client when its
+        # connection is reset is lost (seen under load), although the server answered it.
+        if await self.interceptor.drain(grace):
+            await asyncio.sleep(min(DRAIN_LINGER_SECONDS, grace))
+        await self.server.stop(max(0.0, grace - (time.perf_counter() - started)))
+        await self.engine.close()
+        self.executor.shutdown(wait=True)
+        self.metrics_http.shutdown()
+        self.metrics_http.server_close()
+        log.info("server_stopped", extra={"fields": {"drain_seconds": round(time.perf_counter() - started, 3)}})
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """Channel options of the server: explicit message size limits (gRPC answers RESOURCE_EXHAUSTED beyond),
+    and a maximum connection age, after which clients reconnect (and client-side balancers see new pods)."""
+    network = config.network
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", network.max_message_bytes),
+        ("grpc.max_send_message_length", network.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ("grpc.max_concurrent_streams", network.max_concurrent_streams),  # per connection: one client's share
+    ]
+    if network.max_connection_age_seconds > 0:  # 0: connections live as long as the client keeps them
+        age_ms = int(network.max_connection_age_seconds * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+    return options
+
+
+def load_engine(config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics) -> VaeEngine:
+    """Read, verify and warm up the configured model version, behind its batchers.
+
+    Raises ModelRepositoryError or ProviderUnavailable, each with a one-line message.
+    """
+    started = time.perf_counter()
+    version = load_version(config.model.model_dir, config.model.model_version)
+    sessions = load_sessions(version, config.runtime)
+    sessions.warm_up(sorted({1, config.batching.max_batch_size}))
+    check_reply_fits(config, version.latent_dim, version.image_shape)
+    log.info(
+        "model_loaded",
+        extra={
+            "fields": {
+                "name": version.name,
+                "version": version.version,
+                "path": str(version.path),
+                "latent_dim": version.latent_dim,
+                "provider": sessions.provider,
+                "encoder_sha256": version.encoder.sha256,
+                "decoder_sha256": version.decoder.sha256,
+                "load_seconds": round(time.perf_counter() - started, 3),
+            }
+        },
+    )
+    metrics.set_model(version.name, version.version, sessions.provider)
+    return VaeEngine(sessions, config.batching, config.limits, executor, metrics)
+
+
+def check_reply_fits(config: ServerConfig, latent_dim: int, image_shape: tuple[int, ...]) -> None:
+    """The largest reply `max_items_per_request` allows must fit in `max_message_bytes`: fail start-up if not."""
+    items, limit = config.limits.max_items_per_request, config.network.max_message_bytes
+    largest_reply = items * 4 * (math.prod(image_shape) + latent_dim) + 1024
+    if largest_reply > limit:
+        raise StartupError(
+            f"--max-message-bytes ({limit}) is smaller than the largest reply "
+            f"--max-items-per-request ({items}) allows ({largest_reply} bytes)"
+        )
+
+
+async def build_grpc_server(
+    config: ServerConfig, engine: VaeEngine, metrics: Metrics
+) -> tuple[grpc.aio.Server, RequestInterceptor, health_aio.HealthServicer]:
+    """VaeService behind the request interceptor, health (NOT_SERVING until started) and reflection."""
+    interceptor = RequestInterceptor(SERVICE_NAME, metrics, REPLY_ITEMS, config.process.log_requests)
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=grpc_options(config),
+        maximum_concurrent_rpcs=config.network.max_concurrent_rpcs,
+    )
+    pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(engine), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for service in HEALTH_SERVICES:
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
+    return server, interceptor, health
+
+
+def listen(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind the gRPC port (TLS with `credentials`, else plaintext); returns the port bound."""
+    address = f"{config.network.host}:{config.network.port}"
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
+    if credentials is None:
+        reason = "no --tls-cert given: gRPC traffic is unencrypted and clients are not authenticated"
+        log.warning("grpc_plaintext", extra={"fields": {"grpc_address": f"{address}", "reason": reason}})
+    return port
+
+
+def serve_metrics(metrics: Metrics, config: ServerConfig) -> tuple[WSGIServer, int]:
+    host, port = config.network.host, config.network.metrics_port
+    try:
+        return metrics.serve(host, port)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Load, verify and warm up the model, then serve it.
+
+    Raises ModelRepositoryError, ProviderUnavailable or StartupError, each with a one-line message.
+    """
+    started = time.perf_counter()
+    credentials = server_credentials(config.tls)  # a bad TLS file fails before the model is loaded
+    metrics = Metrics(SERVICE_METHODS)
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
+    engine = load_engine(config, executor, metrics)
+    server, interceptor, health = await build_grpc_server(config, engine, metrics)
+    grpc_port = listen(server, config, credentials)
+    metrics_http, metrics_port = serve_metrics(metrics, config)
+    engine.start()
+    await server.start()
+    for service in HEALTH_SERVICES:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "server_started",
+        extra={
+            "fields": {
+                "grpc_address": f"{config.network.host}:{grpc_port}",
+                "metrics_address": f"{config.network.host}:{metrics_port}",
+                "transport": config.tls.transport,
+                "provider": engine.provider,
+                "startup_seconds": round(time.perf_counter() - started, 3),
+                "config": settings.to_json(config),
+            }
+        },
+    )
+    return RunningServer(
+        config, grpc_port, metrics_port, engine, interceptor, metrics, health, server, metrics_http, executor
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv, description=__doc__.split("\n\n")[0])
+    except SettingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.process.log_level)
+    try:
+        asyncio.run(serve(config))
+    except (ModelRepositoryError, ProviderUnavailable, StartupError) as exc:
+        log.error("startup_failed", extra={"fields": {"error": str(exc)}})
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,163 @@
+"""The server's configuration: `ServerConfig`, composed of each component's own settings.
+
+    python -m serving.server --help        every setting: flag, VAE_* variable, default
+    make docs                              regenerates docs/configuration.md from these definitions
+
+Each setting is defined once, in the dataclass of the component that uses it (`BatchPolicy` in the
+batcher, `RuntimeOptions` in the runtime, `RequestLimits` in the engine, the process's own below), and
+the server hands each component its section as it is. A flag wins over its variable, the variable over
+the default; a bad value stops the server with one line naming the flag or variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from serving import settings
+from serving.dataplane.batcher import BatchPolicy
+from serving.dataplane.engine import RequestLimits
+from serving.dataplane.runtime import RuntimeOptions
+from serving.settings import SettingError, check_settings, section, setting
+
+ENV_PREFIX = "VAE_"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model version the server loads."""
+
+    model_dir: Path = setting(Path("models/vae-mnist"), "model directory holding integer versions", metavar="DIR")
+    model_version: int | None = setting(
+        None, "version to serve (default: the newest)", minimum=1, metavar="N", shown_default="newest"
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """Where the server listens, and what one connection or message may hold."""
+
+    host: str = setting("0.0.0.0", "address to listen on (gRPC and metrics)", metavar="ADDR")
+    port: int = setting(
+        50051, "gRPC port (0: any free port)", minimum=0, maximum=65535, env="VAE_GRPC_PORT", metavar="PORT"
+    )
+    metrics_port: int = setting(
+        9090, "Prometheus /metrics HTTP port (0: any free port)", minimum=0, maximum=65535, metavar="PORT"
+    )
+    max_message_bytes: int = setting(
+        16 * 1024 * 1024, "gRPC message size limit, each way", minimum=64 * 1024, metavar="BYTES"
+    )
+    max_concurrent_rpcs: int = setting(
+        1000, "RPCs handled at once over all connections, at most; beyond it RESOURCE_EXHAUSTED", minimum=1
+    )
+    max_concurrent_streams: int = setting(
+        100, "HTTP/2 streams (calls) open at once on one client connection, at most; more wait in the client", minimum=1
+    )
+    max_connection_age_seconds: float = setting(
+        300.0,
+        "close client connections after this long (gracefully), so clients re-resolve and spread over new pods; "
+        "0: never",
+        minimum=0,
+        metavar="S",
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS on the gRPC port (plaintext unless a certificate is given)."""
+
+    tls_cert: Path | None = setting(
+        None,
+        "PEM certificate (chain) of the gRPC port; with --tls-key it turns TLS on",
+        metavar="FILE",
+        shown_default="none (plaintext)",
+    )
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert", metavar="FILE")
+    tls_client_ca: Path | None = setting(
+        None,
+        "PEM CA certificate(s): clients must present a certificate it signed (mutual TLS)",
+        metavar="FILE",
+        shown_default="none (no client certificates)",
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingError("{tls_cert} and {tls_key} go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingError("{tls_client_ca} needs TLS: give {tls_cert} and {tls_key}")
+
+    @property
+    def transport(self) -> str:
+        """How the gRPC port is secured: "plaintext", "tls" or "mutual-tls"."""
+        if self.tls_cert is None:
+            return "plaintext"
+        return "tls" if self.tls_client_ca is None else "mutual-tls"
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """Shutdown and logs."""
+
+    grace_seconds: float = setting(
+        10.0, "on SIGTERM/SIGINT, how long requests in flight may take to finish", minimum=0, metavar="S"
+    )
+    log_requests: bool = setting(False, "log one JSON line per request")
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log level")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server reads at start-up, one section per component."""
+
+    model: ModelSource = section(ModelSource, "model")
+    network: NetworkOptions = section(NetworkOptions, "network")
+    tls: TlsOptions = section(TlsOptions, "TLS")
+    runtime: RuntimeOptions = section(RuntimeOptions, "onnxruntime")
+    batching: BatchPolicy = section(BatchPolicy, "batching")
+    limits: RequestLimits = section(RequestLimits, "request limits")
+    process: ProcessOptions = section(ProcessOptions, "shutdown and logs")
+
+    def __post_init__(self) -> None:
+        if self.batching.max_queue_rows < self.limits.max_items_per_request:
+            raise SettingError(
+                "{max_queue_rows} ({rows}) must be >= {max_items_per_request} ({items}), or the largest requests "
+                "could never be queued",
+                rows=self.batching.max_queue_rows,
+                items=self.limits.max_items_per_request,
+            )
+
+
+def server_config(**values: object) -> ServerConfig:
+    """A ServerConfig from flat setting names: `server_config(port=0, max_batch_size=8)`."""
+    return settings.build(ServerConfig, values)
+
+
+def build_parser(prog: str = "python -m serving.server", description: str = "") -> settings.argparse.ArgumentParser:
+    """The server's command line, generated from ServerConfig."""
+    return settings.build_parser(ServerConfig, ENV_PREFIX, prog=prog, description=description)
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, description: str = ""
+) -> ServerConfig:
+    """ServerConfig from flags, then VAE_* variables, then defaults; raises SettingError naming the source."""
+    flags = vars(build_parser(description=description).parse_args(argv))
+    return settings.from_sources(ServerConfig, flags, os.environ if environ is None else environ, ENV_PREFIX)
+
+
+def reference() -> str:
+    """The configuration reference (docs/configuration.md), generated from the definitions."""
+    return settings.reference_table(ServerConfig, ENV_PREFIX)

@@ -1,0 +1,38 @@
+"""TLS for the gRPC port: server credentials from PEM files, checked before the server starts."""
+
+from __future__ import annotations
+
+import ssl
+
+import grpc
+
+from serving.errors import StartupError
+from serving.server.config import TlsOptions
+
+
+def server_credentials(tls: TlsOptions) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (+ --tls-client-ca: mutual TLS), or None for plaintext.
+
+    The files are checked with Python's `ssl` first (readable PEM, the key matching the certificate), so a
+    bad file stops start-up with a message naming it instead of failing every handshake later.
+    """
+    if tls.tls_cert is None or tls.tls_key is None:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.tls_cert, tls.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"cannot use --tls-cert {tls.tls_cert} with --tls-key {tls.tls_key}: {exc.strerror or exc}"
+        ) from None
+    client_ca: bytes | None = None
+    if tls.tls_client_ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(tls.tls_client_ca))
+            client_ca = tls.tls_client_ca.read_bytes()
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"cannot use --tls-client-ca {tls.tls_client_ca}: {exc.strerror or exc}") from None
+    return grpc.ssl_server_credentials(
+        [(tls.tls_key.read_bytes(), tls.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
