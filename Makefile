@@ -10,13 +10,12 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := proto/vae/v1/vae.proto
 PROTO_OUT := serving/proto/vae/v1/vae_pb2_grpc.py
 
-RUN ?= $(shell ls -td runs/*/ 2>/dev/null | head -1)
 RUNS_DIR ?= runs
 REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: audit soak beta-sweep bench bench-train help install system-deps proto serve test lint format train run export clean deploy-check image
+.PHONY: audit soak beta-sweep bench bench-train help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -24,14 +23,19 @@ help: ## list the targets
 install: system-deps $(STAMP) $(PROTO_OUT) ## create .venv with the project, its training and dev extras, and the gRPC code (quick when done)
 
 # Debian packages the tests use for real: Prometheus + promtool (monitoring tests) and Fashion-MNIST (data
-# loader tests). Installed with apt-get where missing, saying so.
+# loader tests). Installed with apt-get where missing, saying so; without root, the target says what to
+# install and stops.
 SYSTEM_PACKAGES := prometheus dataset-fashion-mnist
 system-deps: ## install the Debian packages the tests need (prometheus, dataset-fashion-mnist) where missing
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages: $$missing"; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "error: the tests need these Debian packages: $$(echo $$missing)" >&2; \
+	    echo "install them as root, then run make again: apt-get install -y $$(echo $$missing)" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "installing Debian packages: $$(echo $$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -45,8 +49,14 @@ proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae
 $(PROTO_OUT): $(PROTO_SRC) serving/api/codegen.py $(STAMP)
 	$(PY) -m serving.api.codegen
 
-test: install lint ## lint, then the whole test suite (what CI runs)
+test: install lint ## lint, then every test tier: unit, integration and system (what CI runs)
 	$(PY) -m pytest
+
+test-fast: install ## unit and integration tests only (about a minute): the edit loop
+	$(PY) -m pytest tests/unit tests/integration
+
+docs: install ## regenerate docs/configuration.md from the settings' definitions (a test fails when it is stale)
+	$(PY) docs/generate.py
 
 deploy-check: install ## render + validate the k8s manifests, alert rules (promtool), dashboard and Dockerfile
 	$(PY) -m pytest tests/test_deploy.py
@@ -60,7 +70,7 @@ image: ## build the server image (TARGET=gpu|cpu; MODEL=models/vae-mnist bakes t
 lint: install ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy training serving tests $(wildcard bench/*.py)
+	$(VENV)/bin/mypy training serving tests docs/generate.py $(wildcard bench/*.py)
 
 format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -69,8 +79,8 @@ format: install ## apply ruff's fixes and formatting
 train: install ## a full default training run into runs/<timestamp>
 	$(PY) -m training.train --dataset $(DATASET) --out $(RUNS_DIR)/$$(date +%Y%m%d-%H%M%S)
 
-# The newest runs/*/best.pt (a run still in its first epoch has none yet), or RUN's when RUN is given.
-EXPORT_CHECKPOINT = $(if $(filter file,$(origin RUN)),$(shell ls -t $(RUNS_DIR)/*/best.pt 2>/dev/null | head -1),$(patsubst %/,%,$(RUN))/best.pt)
+# RUN's best.pt when RUN is given, else the newest runs/*/best.pt (a run in its first epoch has none yet).
+EXPORT_CHECKPOINT = $(if $(RUN),$(patsubst %/,%,$(RUN))/best.pt,$(shell ls -t $(RUNS_DIR)/*/best.pt 2>/dev/null | head -1))
 export: install ## export the newest run's best.pt (or RUN=runs/<name>) as the next version of $(REPOSITORY)/$(NAME)
 	@test -n "$(EXPORT_CHECKPOINT)" || { echo "error: no $(RUNS_DIR)/*/best.pt: run 'make train' first, or pass RUN=runs/<name>" >&2; exit 1; }
 	$(PY) -m training.export --checkpoint $(EXPORT_CHECKPOINT) --repository $(REPOSITORY) --name $(NAME)

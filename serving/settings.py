@@ -60,6 +60,7 @@ class _Setting:
     help: str
     minimum: float | None = None
     maximum: float | None = None
+    above: float | None = None  # exclusive lower bound
     flag: str | None = None  # default: --field-name
     env: str | None = None  # default: the prefix + FIELD_NAME
     metavar: str | None = None
@@ -72,13 +73,17 @@ def setting(
     *,
     minimum: float | None = None,
     maximum: float | None = None,
+    above: float | None = None,
     flag: str | None = None,
     env: str | None = None,
     metavar: str | None = None,
     shown_default: str | None = None,
 ) -> Any:
-    """A dataclass field that is a setting; bounds are inclusive and checked by `check_settings`."""
-    meta = _Setting(help, minimum, maximum, flag, env, metavar, shown_default)
+    """A dataclass field that is a setting, its bounds checked by `check_settings`.
+
+    `minimum` and `maximum` are inclusive, `above` exclusive (a learning rate must be above 0).
+    """
+    meta = _Setting(help, minimum, maximum, above, flag, env, metavar, shown_default)
     return dataclasses.field(default=default, metadata={"setting": meta})
 
 
@@ -133,6 +138,8 @@ class Spec:
     def shown_default(self) -> str:
         if self.meta.shown_default is not None:
             return self.meta.shown_default
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
         return "none" if self.default is None else str(self.default)
 
     def parse(self, text: str) -> Any:
@@ -191,7 +198,9 @@ def check_settings(instance: Any) -> None:
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise SettingError(f"{{{spec.name}}} must be a finite number, got {{value}}", value=value)
-        low, high = spec.meta.minimum, spec.meta.maximum
+        low, high, above = spec.meta.minimum, spec.meta.maximum, spec.meta.above
+        if above is not None and value <= above:
+            raise SettingError(f"{{{spec.name}}} must be > {{above}}, got {{value}}", above=_number(above), value=value)
         if low is not None and value < low:
             raise SettingError(f"{{{spec.name}}} must be >= {{low}}, got {{value}}", low=_number(low), value=value)
         if high is not None and value > high:
@@ -312,13 +321,14 @@ def reference_table(cls: type[Any], env_prefix: str) -> str:
     lines = ["| flag | variable | default | meaning |", "| --- | --- | --- | --- |"]
     section_title = None
     for spec in specs(cls):
-        if spec.section_title != section_title:
+        if spec.section_title and spec.section_title != section_title:
             section_title = spec.section_title
             lines.append(f"| **{section_title}** | | | |")
         meaning = spec.meta.help.replace("|", "\\|")
-        if spec.choices:
+        if spec.choices and not all(choice in spec.meta.help for choice in spec.choices):
             meaning += f" (one of: {', '.join(spec.choices)})"
-        bounds = [f">= {_number(spec.meta.minimum)}"] if spec.meta.minimum is not None else []
+        bounds = [f"> {_number(spec.meta.above)}"] if spec.meta.above is not None else []
+        bounds += [f">= {_number(spec.meta.minimum)}"] if spec.meta.minimum is not None else []
         bounds += [f"<= {_number(spec.meta.maximum)}"] if spec.meta.maximum is not None else []
         if bounds:
             meaning += f" [{', '.join(bounds)}]"

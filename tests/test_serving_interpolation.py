@@ -37,6 +37,27 @@ def test_slerp_falls_back_to_linear_for_parallel_or_zero_vectors() -> None:
     np.testing.assert_allclose(interpolate(z0, z1, 4, "slerp"), interpolate(z0, z1, 4, "linear"), atol=1e-6)
 
 
+def test_slerp_between_opposite_vectors_is_the_line_through_the_origin() -> None:
+    z0 = np.array([[1.0, 2.0, 3.0]], np.float32)
+    path = interpolate(z0, -z0, 5, "slerp")[0]
+    np.testing.assert_allclose(path, np.linspace(1, -1, 5)[:, None] * z0, atol=1e-6)
+
+
+def test_slerp_close_to_opposite_still_follows_the_great_circle() -> None:
+    angle = np.pi - 0.01  # sin = 0.01: well-conditioned, so the arc is kept
+    z0, z1 = np.array([[1.0, 0.0]], np.float32), np.array([[np.cos(angle), np.sin(angle)]], np.float32)
+    path = interpolate(z0, z1, 3, "slerp")[0]
+    np.testing.assert_allclose(np.linalg.norm(path, axis=1), 1.0, rtol=1e-5)  # on the circle, not through 0
+    np.testing.assert_allclose(np.arctan2(path[1, 1], path[1, 0]), angle / 2, atol=1e-5)
+
+
+def test_training_plots_use_the_same_interpolation() -> None:
+    import training.plots
+
+    assert training.plots.interpolate is interpolate
+    assert not hasattr(training.plots, "slerp") and not hasattr(training.plots, "lerp")
+
+
 def test_unknown_method_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown interpolation method"):
         interpolate(np.zeros((1, 2)), np.ones((1, 2)), 3, "cubic")

@@ -116,6 +116,16 @@ def test_interpolate_latents_decodes_the_path(vae_client: VaeClient, graphs: Dir
     np.testing.assert_allclose(images.reshape(15, 1, 28, 28), graphs.decode(path.reshape(15, 20)), atol=TOLERANCE)
 
 
+def test_slerp_between_opposite_or_parallel_latents_stays_on_the_line(vae_client: VaeClient) -> None:
+    """sin(omega) ~ 0 at both ends of the angle range: no great circle is defined, the path is the chord."""
+    start = np.array([[1.0, 2.0, 3.0] + [0.0] * 17, [1.0, 2.0, 3.0] + [0.0] * 17], np.float32)
+    end = np.stack([-start[0], 2 * start[1]])  # opposite, and parallel
+    _, path = vae_client.interpolate(start, end, steps=5, method="slerp")
+    a = np.linspace(0, 1, 5)[None, :, None]
+    np.testing.assert_allclose(path, (1 - a) * start[:, None] + a * end[:, None], atol=1e-6)
+    assert np.isfinite(path).all()
+
+
 def test_interpolate_images_walks_between_their_encoder_means(vae_client: VaeClient, graphs: DirectGraphs) -> None:
     start, end = digits(2, seed=5), digits(2, seed=6)
     images, path = vae_client.interpolate(start, end, steps=4, output_dtype="uint8")

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from serving.settings import SettingError
 from training.checkpoint import load_checkpoint
-from training.train import ConfigError, TrainConfig, config_from_args, train
+from training.train import TrainConfig, config_from_args, train
 
 PICTURES = ("loss_curves", "samples", "reconstructions", "interpolations", "latent_pca", "latent_tsne", "traversals")
 METRIC_KEYS = {"epoch", "beta", "lr", "seconds", "samples_per_second"} | {
@@ -114,13 +115,23 @@ def test_kl_warmup_is_linear_and_cosine_lr_ends_at_min_lr() -> None:
     ("field", "value"), [("beta", -1.0), ("dataset", "cifar"), ("epochs", 0), ("device", "tpu"), ("limit", 0)]
 )
 def test_config_rejects_values_out_of_range(field: str, value: Any) -> None:
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(SettingError, match=field):
         replace(TrainConfig(), **{field: value})
 
 
 def test_command_line_maps_onto_train_config() -> None:
-    config = config_from_args(["--dataset", "mnist-5k", "--beta", "4", "--no-plots", "--limit", "100"])
+    config = config_from_args(["--dataset", "mnist-5k", "--beta", "4", "--no-plots", "--limit", "100"], {})
     assert config == replace(TrainConfig(), dataset="mnist-5k", beta=4.0, plots=False, limit=100)
+
+
+def test_every_option_has_an_environment_twin_and_flags_win() -> None:
+    environ = {"VAE_TRAIN_EPOCHS": "7", "VAE_TRAIN_DATA_DIR": "/data", "VAE_TRAIN_LIMIT": "", "VAE_TRAIN_BETA": "2"}
+    config = config_from_args(["--beta", "3"], environ)
+    assert (config.epochs, config.data_dir, config.limit, config.beta) == (7, "/data", None, 3.0)
+    with pytest.raises(SettingError, match=r"--epochs \(VAE_TRAIN_EPOCHS\) must be >= 1, got 0"):
+        config_from_args([], {"VAE_TRAIN_EPOCHS": "0"})
+    with pytest.raises(SettingError, match="VAE_TRAIN_LR='fast' is not a number"):
+        config_from_args([], {"VAE_TRAIN_LR": "fast"})
 
 
 def test_evaluate_cli_prints_one_json_line(smoke_run: Path) -> None:
@@ -143,9 +154,12 @@ def test_evaluate_cli_prints_one_json_line(smoke_run: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["training.train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (
+            ["training.train", "--dataset", "cifar"],
+            "--dataset (VAE_TRAIN_DATASET) must be one of mnist, fashion-mnist, mnist-5k, auto, got 'cifar'",
+        ),
         (["training.train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "does not exist"),
-        (["training.train", "--dataset", "mnist-5k", "--beta", "-1"], "beta must be"),
+        (["training.train", "--dataset", "mnist-5k", "--beta", "-1"], "--beta (VAE_TRAIN_BETA) must be >= 0, got -1.0"),
         (["training.train", "--resume", "{corrupt}"], "cannot read checkpoint"),
         (["training.evaluate", "{corrupt}"], "cannot read checkpoint"),
         (["training.evaluate", "/nonexistent/best.pt"], "checkpoint not found"),

@@ -16,8 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from serving.settings import SettingError
 from training.data import DataError
-from training.train import ConfigError, TrainConfig, train
+from training.train import TrainConfig, train
 
 BETAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 COLUMNS = (  # key in the evaluation, column title, format
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset=args.dataset, epochs=args.epochs, seed=args.seed, plots=False, eval_iwae_images=args.iwae_images
         )
         rows = sweep(base, tuple(args.betas), out)
-    except (ConfigError, DataError) as exc:
+    except (SettingError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = markdown_table(rows)

@@ -13,79 +13,67 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
+from serving import settings
+from serving.settings import SettingError, check_settings, setting
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.data import DATASETS, DataError, Dataset, load_dataset
 from training.evaluate import elbo_terms, evaluate
 from training.model import VAE, VAEConfig, vae_loss
 
-
-def option(default: Any, help: str) -> Any:
-    """A TrainConfig field whose help text is also its --flag's help."""
-    return field(default=default, metadata={"help": help})
-
-
 MIN_IMPROVEMENT = 1e-3  # nats: a smaller drop of the validation loss does not reset early stopping
-
-
-class ConfigError(ValueError):
-    """A TrainConfig value is out of range."""
+ENV_PREFIX = "VAE_TRAIN_"  # each option's environment twin: VAE_TRAIN_EPOCHS, VAE_TRAIN_BETA, ...
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on; the defaults are the default recipe (measured in bench/train_quality.py)."""
 
-    dataset: str = option("auto", f"dataset: {' | '.join(DATASETS)}")
-    data_dir: str | None = option(None, "directory with the raw MNIST / Fashion-MNIST files (default: data/)")
-    out: str = option("runs/default", "run directory (created)")
-    epochs: int = option(100, "maximum epochs; early stopping usually ends sooner")
-    batch_size: int = option(64, "images per step")
-    lr: float = option(2e-3, "peak Adam learning rate")
-    lr_schedule: str = option("cosine", "cosine (decays to min_lr at the last epoch) | constant")
-    min_lr: float = option(1e-5, "learning rate at the end of the cosine schedule")
-    beta: float = option(1.0, "weight of the KL term (beta-VAE); 1 is the true ELBO")
-    warmup_epochs: int = option(10, "KL warm-up: beta grows linearly over this many epochs (0: none)")
-    patience: int = option(10, "stop after this many epochs without a better validation loss (0: never)")
-    latent_dim: int = option(20, "size of z")
-    seed: int = option(0, "seed of initialization, shuffling and sampling")
-    split_seed: int = option(0, "seed of the train/validation split (keep it fixed to compare runs)")
-    device: str = option("auto", "auto | cpu | cuda")
-    precision: str = option("auto", "auto (bf16 where the hardware has it) | bf16 | fp32; evaluation is always fp32")
-    limit: int | None = option(None, "train on only the first N training images (quick runs, tests)")
-    resume: str | None = option(None, "checkpoint (last.pt) to continue; its config is the base for this run")
-    eval_iwae_samples: int = option(1000, "evaluation at the end: importance samples per image")
-    eval_iwae_images: int = option(200, "evaluation at the end: test images in the IWAE estimate")
-    plot_points: int = option(2000, "test images in the PCA / t-SNE latent pictures")
-    plots: bool = option(True, "draw the pictures at the end")
+    dataset: str = setting("auto", f"dataset: {' | '.join(DATASETS)}", metavar="NAME")
+    data_dir: str | None = setting(
+        None, "directory with the raw MNIST / Fashion-MNIST files", metavar="DIR", shown_default="data/"
+    )
+    out: str = setting("runs/default", "run directory (created)", metavar="DIR")
+    epochs: int = setting(100, "maximum epochs; early stopping usually ends sooner", minimum=1)
+    batch_size: int = setting(64, "images per step", minimum=1)
+    lr: float = setting(2e-3, "peak Adam learning rate", above=0)
+    lr_schedule: Literal["cosine", "constant"] = setting("cosine", "cosine (decays to min_lr at the last epoch)")
+    min_lr: float = setting(1e-5, "learning rate at the end of the cosine schedule", minimum=0)
+    beta: float = setting(1.0, "weight of the KL term (beta-VAE); 1 is the true ELBO", minimum=0)
+    warmup_epochs: int = setting(10, "KL warm-up: beta grows linearly over this many epochs (0: none)", minimum=0)
+    patience: int = setting(10, "stop after this many epochs without a better validation loss (0: never)", minimum=0)
+    latent_dim: int = setting(20, "size of z", minimum=1)
+    seed: int = setting(0, "seed of initialization, shuffling and sampling")
+    split_seed: int = setting(0, "seed of the train/validation split (keep it fixed to compare runs)")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train (auto: CUDA when available)")
+    precision: Literal["auto", "bf16", "fp32"] = setting(
+        "auto", "auto (bf16 where the hardware has it); evaluation is always fp32"
+    )
+    limit: int | None = setting(None, "train on only the first N training images (quick runs, tests)", minimum=1)
+    resume: str | None = setting(
+        None, "checkpoint (last.pt) to continue; its config is the base for this run", metavar="CHECKPOINT"
+    )
+    eval_iwae_samples: int = setting(1000, "evaluation at the end: importance samples per image", minimum=0)
+    eval_iwae_images: int = setting(200, "evaluation at the end: test images in the IWAE estimate", minimum=0)
+    plot_points: int = setting(2000, "test images in the PCA / t-SNE latent pictures", minimum=1)
+    plots: bool = setting(True, "draw the pictures at the end")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0 and self.min_lr >= 0, f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}"),
-            (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant: {self.lr_schedule}"),
-            (self.beta >= 0 and math.isfinite(self.beta), f"beta must be a finite number >= 0, got {self.beta}"),
-            (self.warmup_epochs >= 0 and self.patience >= 0, "warmup_epochs and patience must be >= 0"),
-            (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
-            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32: {self.precision}"),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
-            (self.eval_iwae_samples >= 0 and self.eval_iwae_images >= 0, "eval_iwae_* must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_settings(self)
+        if self.dataset not in DATASETS:
+            raise SettingError(
+                "{dataset} must be one of {names}, got {value!r}", names=", ".join(DATASETS), value=self.dataset
+            )
 
     def beta_at(self, epoch: int) -> float:
         """Beta during epoch `epoch` (0-based): linear warm-up reaching `beta` in the last warm-up epoch."""
@@ -100,7 +88,7 @@ class TrainConfig:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA GPU is available")
+        raise SettingError("{device} cuda requested but no CUDA GPU is available")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -296,38 +284,28 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One --flag per TrainConfig field; defaults are suppressed so that only the flags given override."""
-    parser = argparse.ArgumentParser(
-        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    types = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        helptext = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
-        else:
-            kind = types[str(f.type)]
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext, metavar=f.name.upper())
-    return parser
+    """One --flag per TrainConfig field (serving.settings), each with its VAE_TRAIN_* twin."""
+    return settings.build_parser(TrainConfig, ENV_PREFIX, prog="python -m training.train", description=__doc__)
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, or the resumed run's config, overridden by the flags given."""
-    given = vars(build_parser().parse_args(argv))
-    base: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    if given.get("resume"):
-        saved = load_checkpoint(Path(given["resume"])).get("train_config", {})
-        base.update({key: value for key, value in saved.items() if key in base})
-        base["out"] = given.get("out", str(Path(given["resume"]).parent))
-    return TrainConfig(**{**base, **given})
+def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> TrainConfig:
+    """The defaults, or the resumed run's config, overridden by VAE_TRAIN_* variables, then by the flags given."""
+    flags = vars(build_parser().parse_args(argv))
+    environ = os.environ if environ is None else environ
+    resume = flags.get("resume", environ.get(ENV_PREFIX + "RESUME"))
+    base: dict[str, Any] = {}
+    if resume:
+        saved = load_checkpoint(Path(resume)).get("train_config", {})
+        base = {name: value for name, value in saved.items() if name in settings.flat(TrainConfig())}
+        base["out"] = str(Path(resume).parent)
+    return settings.from_sources(TrainConfig, flags, environ, ENV_PREFIX, base=base)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(argv)
         result = train(config)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (SettingError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -45,7 +45,11 @@ GraphOptimization = Literal["all", "extended", "basic", "disable"]
 class RuntimeOptions:
     """How onnxruntime runs the graphs."""
 
-    provider: Provider = setting("auto", "onnxruntime execution provider: auto (CUDA if usable, else CPU), cuda, cpu")
+    provider: Provider = setting(
+        "auto",
+        "onnxruntime execution provider: auto (CUDA when onnxruntime offers it and the session really gets it, "
+        "else CPU, logged as provider_fallback), cuda (start-up fails where CUDA is not usable), cpu",
+    )
     intra_op_threads: int = setting(
         0, "onnxruntime threads per graph run (0: onnxruntime's default, one per core)", minimum=0, metavar="N"
     )

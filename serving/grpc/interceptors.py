@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from serving.errors import InvalidRequest, NotReady
-from serving.grpc.status import cancelled_status, status_for
+from serving.grpc.status import cancelled_status, is_unexpected, status_for
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class _Call:
             self._finish(cancelled_status(self.context.time_remaining()).name, None)
             return
         status, message = status_for(error)
-        if status == grpc.StatusCode.INTERNAL:
+        if is_unexpected(error):
             log.error("request_failed", exc_info=error, extra={"fields": {"method": self.method}})
         self._finish(status.name, None)
         await self.context.abort(status, message)
@@ -201,7 +201,7 @@ def _guarded(handler: grpc.RpcMethodHandler, malformed: str) -> grpc.RpcMethodHa
     """A handler of another service (health) whose malformed requests get INVALID_ARGUMENT."""
 
     async def refuse(context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed)
+        await context.abort(*status_for(InvalidRequest(malformed)))
 
     if handler.unary_unary is not None:
         unary = handler.unary_unary

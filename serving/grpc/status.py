@@ -36,6 +36,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
+def is_unexpected(error: BaseException) -> bool:
+    """Whether `error` is none of the failures above: a bug, logged with its stack trace on the server."""
+    return not isinstance(error, tuple(_CODES))
+
+
 def cancelled_status(time_remaining_s: float | None) -> grpc.StatusCode:
     """Why gRPC cancelled a handler: its deadline passed (DEADLINE_EXCEEDED) or the caller left (CANCELLED).
 

@@ -51,7 +51,11 @@ class NetworkOptions:
         9090, "Prometheus /metrics HTTP port (0: any free port)", minimum=0, maximum=65535, metavar="PORT"
     )
     max_message_bytes: int = setting(
-        16 * 1024 * 1024, "gRPC message size limit, each way", minimum=64 * 1024, metavar="BYTES"
+        16 * 1024 * 1024,
+        "gRPC message size limit, each way (larger: RESOURCE_EXHAUSTED)",
+        minimum=64 * 1024,
+        metavar="BYTES",
+        shown_default="16777216 (16 MiB)",
     )
     max_concurrent_rpcs: int = setting(
         1000, "RPCs handled at once over all connections, at most; beyond it RESOURCE_EXHAUSTED", minimum=1

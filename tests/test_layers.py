@@ -1,0 +1,59 @@
+"""The layers of serving/ hold: what each may import, checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SERVING = Path(__file__).resolve().parent.parent / "serving"
+
+
+def loaded_after_import(*modules: str) -> set[str]:
+    """The top-level and serving.* modules a fresh interpreter holds after importing `modules`."""
+    code = f"import sys, json; import {', '.join(modules)}; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return set(json.loads(result.stdout))
+
+
+def test_the_data_plane_loads_neither_grpc_nor_the_generated_code() -> None:
+    loaded = loaded_after_import(*(f"serving.dataplane.{p.stem}" for p in (SERVING / "dataplane").glob("[a-z]*.py")))
+    assert "grpc" not in loaded and "google.protobuf" not in loaded
+    assert not {name for name in loaded if name.startswith(("serving.proto", "serving.api", "serving.grpc"))}
+
+
+def test_the_client_loads_neither_onnxruntime_nor_the_server() -> None:
+    loaded = loaded_after_import("serving.client")
+    assert "onnxruntime" not in loaded and "numpy" in loaded and "grpc" in loaded
+    server_side = ("serving.dataplane", "serving.grpc", "serving.server", "serving.metrics", "serving.errors")
+    assert not {name for name in loaded if name.startswith(server_side)}
+
+
+def test_nothing_in_serving_loads_torch() -> None:
+    loaded = loaded_after_import("serving.server.app", "serving.client.cli")
+    assert not {"torch", "onnx", "training"} & loaded
+
+
+def _grpc_status_codes_named_in(path: Path) -> list[int]:
+    """Line numbers in `path` that name a grpc.StatusCode member other than OK."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "StatusCode"
+        and node.attr != "OK"
+    ]
+
+
+def test_one_module_maps_errors_to_status_codes() -> None:
+    """Server code names status codes only in serving/grpc/status.py (the client reads them from replies)."""
+    allowed = {SERVING / "grpc" / "status.py", SERVING / "client" / "client.py"}
+    modules = (path for path in SERVING.rglob("*.py") if "proto" not in path.parts and path not in allowed)
+    offenders = {
+        str(path.relative_to(SERVING)): lines for path in modules if (lines := _grpc_status_codes_named_in(path))
+    }
+    assert offenders == {}
