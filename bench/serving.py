@@ -115,7 +115,8 @@ def server(model_dir: Path, mode: str, max_delay_ms: float, provider: str) -> It
             *MODES[mode],
         ]
     started = time.perf_counter()
-    process = subprocess.Popen(command, preexec_fn=lambda: pin_to_cpus(SERVER_CPUS))
+    # taskset, not preexec_fn: code run between fork and exec is unsafe while this process has threads
+    process = subprocess.Popen(["taskset", "-c", SERVER_CPUS, *command])
     try:
         target = f"127.0.0.1:{port}"
         wait_serving(target, process)

@@ -30,8 +30,6 @@ import numpy as np
 
 from serving.client import VaeClient, VaeError
 
-LATENT_DIM_UNKNOWN = -1
-
 
 @dataclass
 class Window:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,10 @@ def train_tiny_checkpoint(path: Path, latent_dim: int, steps: int = 30, seed: in
         train_config={"epochs": 1, "seed": seed},
     )
     return path
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write uint8 data in the idx format (gzipped when the name ends in .gz): raw MNIST files for the tests."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as stream:
+        stream.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import write_idx
 from training import data
-from training.data import DataError, load_dataset, read_idx, write_idx
+from training.data import DataError, load_dataset, read_idx
 
 
 def write_raw_mnist(directory: Path, train: int = 200, test: int = 50, gzipped: bool = True) -> dict[str, np.ndarray]:

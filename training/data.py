@@ -129,13 +129,6 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write uint8 data in the idx format (gzipped when the name ends in .gz); used to build test fixtures."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as stream:
-        stream.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
 def network_reachable(url: str, timeout_seconds: float = NETWORK_PROBE_SECONDS) -> bool:
     """Whether an HTTP HEAD of `url` succeeds within the timeout. Runs in a daemon thread joined with the
     timeout, so neither a DNS lookup nor a proxy that accepts connections and never answers can hang us."""
