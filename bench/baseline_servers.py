@@ -3,10 +3,13 @@
     python -m bench.baseline_servers --kind echo --port 50052 --cpus 0
     python -m bench.baseline_servers --kind minimal --model-dir models/vae-mnist --port 50052 --cpus 0
 
+Each logs the `server_started` JSON line our server logs (with the port bound: `--port 0` picks a free one),
+so bench/server_process.py starts them all the same way.
+
 - `echo`: a cached reply of the requested size, no model. What gRPC, protobuf and the loopback cost for a
   reply of that size, plus the load generator itself: the transport floor (how close to the in-process limit
   any grpc.aio server can get at 1 caller x 64 rows) and the requests/s the load generator can drive at all.
-- `minimal`: the smallest honest grpc.aio model server, the one issue 6 quotes "for scale": parse the
+- `minimal`: the smallest honest grpc.aio model server, the usual yardstick "for scale": parse the
   latents, run the decoder inline on the event loop with the same onnxruntime session the server builds,
   reply. No batching, no validation, no metrics, no executor hop. What our server's own machinery costs is
   the distance between the two on the same load.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -84,8 +88,9 @@ async def serve(servicer: pb_grpc.VaeServiceServicer, host: str, port: int) -> N
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    print(json.dumps({"event": "server_started", "grpc_address": f"{host}:{bound}"}), file=sys.stderr, flush=True)
     await server.wait_for_termination()
 
 

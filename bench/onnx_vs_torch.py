@@ -5,10 +5,10 @@
 Variants, each at batch 1, 64 and 1024:
 - torch eager: `torch.inference_mode()`, `torch.set_num_threads(--threads)`;
 - ort default: `InferenceSession(bytes)` with default session options;
-- ort tuned: the options the server uses (`serving.runtime.session_options`): one inter-op thread,
+- ort tuned: the options the server uses (`serving.dataplane.runtime.session_options`): one inter-op thread,
   sequential execution, intra-op threads not spinning when idle, all graph optimizations;
 - ort tuned, offline-optimized: the same options on a graph that onnxruntime optimized ahead of time
-  (the issue's optional optimized copy; EXTENDED level, the portable one).
+  (an optional optimized copy that export could ship; EXTENDED level, the portable one).
 The variants run interleaved (one timed block of each per round, in a shuffled order, `--repeats` rounds),
 so load from other processes hits them all alike; the table shows the median samples/s and the ratio to
 torch eager.
@@ -38,7 +38,7 @@ BATCH_SIZES = (1, 64, 1024)
 
 
 def tuned_session_options(threads: int) -> ort.SessionOptions:
-    """The options the server runs with (serving.runtime), on the CPU with `threads` intra-op threads."""
+    """The options the server runs with (serving.dataplane.runtime), on the CPU with `threads` intra-op threads."""
     return session_options(RuntimeOptions(provider="cpu", intra_op_threads=threads))
 
 

@@ -11,8 +11,8 @@ the mode it measures: batching on (`--max-batch-size 64`, the default adaptive w
 row. Also start-up time to SERVING and the server's RSS. And the same Decode loads against the two
 reference servers of bench/baseline_servers.py: `minimal` (the decoder run inline in the handler: no
 batching, validation or metrics) and `echo` (no model: what gRPC and the load generator alone cost and
-allow). Writes `serving.json` and `serving.png` under `--out` and prints the figures the targets are
-stated in.
+allow). Writes `serving.json` and `serving.png` under `--out` and prints the headline figures
+(docs/performance.md).
 `--provider cuda` runs the server and the limit on onnxruntime's CUDA provider (where a GPU is).
 """
 
@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -32,12 +30,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from bench.limit import measure as measure_limit
 from bench.loadgen import LoadResult, pin_to_cpus, run_load
-from serving.api import SERVICE_NAME
+from bench.server_process import ServerProcess
 
 _AVAILABLE = sorted(os.sched_getaffinity(0))
 # The first two CPUs this process may use: the server on one, the load generator on the other.
@@ -55,75 +50,18 @@ BASELINE_LABELS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_serving(target: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode} before SERVING")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.02)
-    raise TimeoutError(f"server at {target} not SERVING after {timeout_s} s")
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 @contextmanager
-def server(model_dir: Path, mode: str, max_delay_ms: float, provider: str) -> Iterator[tuple[str, float, int]]:
-    """The server of `mode` (or a baseline) as a process on CPU 0: yields (target, seconds to SERVING, pid)."""
-    port = free_port()
-    if mode in BASELINES:
-        command = [
-            sys.executable,
-            "-m",
-            "bench.baseline_servers",
-            f"--kind={mode}",
-            f"--model-dir={model_dir}",
-            f"--provider={provider}",
-            f"--port={port}",
-        ]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "serving.server",
-            f"--model-dir={model_dir}",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--metrics-port=0",
-            "--intra-op-threads=1",
-            f"--provider={provider}",
-            f"--max-delay-ms={max_delay_ms}",
-            "--log-level=error",
-            *MODES[mode],
-        ]
+def server(model_dir: Path, mode: str, max_delay_ms: float, provider: str) -> Iterator[tuple[ServerProcess, float]]:
+    """The server of `mode` (or a baseline) as a process on the server's CPU: yields it and its seconds to SERVING."""
     started = time.perf_counter()
-    # taskset, not preexec_fn: code run between fork and exec is unsafe while this process has threads
-    process = subprocess.Popen(["taskset", "-c", SERVER_CPUS, *command])
-    try:
-        target = f"127.0.0.1:{port}"
-        wait_serving(target, process)
-        yield target, time.perf_counter() - started, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    if mode in BASELINES:
+        baseline = ["-m", "bench.baseline_servers", f"--kind={mode}", f"--model-dir={model_dir}", "--port=0"]
+        process = ServerProcess(["taskset", "-c", SERVER_CPUS, sys.executable, *baseline, f"--provider={provider}"])
+    else:
+        flags = [f"--model-dir={model_dir}", "--intra-op-threads=1", f"--provider={provider}"]
+        process = ServerProcess.vae_server(*flags, f"--max-delay-ms={max_delay_ms}", *MODES[mode], cpus=SERVER_CPUS)
+    with process:
+        yield process, time.perf_counter() - started
 
 
 def sweep(
@@ -132,7 +70,8 @@ def sweep(
     points: list[dict[str, Any]] = []
     process_figures: dict[str, Any] = {}
     for mode in (*MODES, *BASELINES):
-        with server(model_dir, mode, max_delay_ms, provider) as (target, startup_s, pid):
+        with server(model_dir, mode, max_delay_ms, provider) as (process, startup_s):
+            target = process.target
             process_figures[mode] = {"startup_to_serving_s": round(startup_s, 3)}
             rpcs = ("decode",) if mode in BASELINES else ("decode", "sample")
             loads = [(rpc, 64, 1) for rpc in rpcs]
@@ -143,7 +82,7 @@ def sweep(
                 )
                 points.append({"mode": mode, **asdict(result)})
                 print(json.dumps(points[-1]), flush=True)
-            process_figures[mode]["rss_bytes"] = rss_bytes(pid)
+            process_figures[mode]["rss_bytes"] = process.rss_bytes()
     return points, process_figures
 
 
@@ -154,7 +93,7 @@ def find(points: list[dict[str, Any]], mode: str, rpc: str, rows: int, concurren
 
 
 def summary(points: list[dict[str, Any]], limit: list[dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
-    """The figures the targets are stated in (ratios measured in this run)."""
+    """The headline figures of docs/performance.md (ratios measured in this run)."""
     limit_64 = next(r["rows_per_s"] for r in limit if r["graph"] == "decode" and r["batch"] == 64)
     decode_64 = find(points, "batching", "decode", 64, 1)
     figures: dict[str, Any] = {
@@ -163,7 +102,7 @@ def summary(points: list[dict[str, Any]], limit: list[dict[str, Any]], concurren
         "decode_1x64_vs_limit": round(decode_64["rows_per_s"] / limit_64, 3),
         "idle_decode_1row_p50_ms": find(points, "batching", "decode", 1, concurrencies[0])["p50_ms"],
     }
-    many = 32 if 32 in concurrencies else max(concurrencies)  # the targets are stated at 32 callers
+    many = 32 if 32 in concurrencies else max(concurrencies)  # the headline load: 32 callers
     on, off = find(points, "batching", "decode", 1, many), find(points, "no-batching", "decode", 1, many)
     figures[f"decode_{many}x1_requests_per_s_batching"] = on["requests_per_s"]
     figures[f"decode_{many}x1_requests_per_s_no_batching"] = off["requests_per_s"]

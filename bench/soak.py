@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.server_process import ServerProcess
 from serving.client import VaeClient, VaeError
 
 
@@ -40,43 +39,6 @@ class Window:
 
     def p99_ms(self) -> float:
         return float(np.percentile(self.latencies_s, 99) * 1000) if self.latencies_s else float("nan")
-
-
-class SoakServer:
-    """The server as a process on free ports; its address is read from its `server_started` log line."""
-
-    def __init__(self, model_dir: Path, extra: list[str]) -> None:
-        command = [
-            sys.executable, "-m", "serving.server", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-            "--port", "0", "--metrics-port", "0", *extra,
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        self.target = ""
-        self.log_tail: list[str] = []
-        started = threading.Event()
-
-        def read() -> None:
-            assert self.process.stderr is not None
-            for line in self.process.stderr:
-                self.log_tail = [*self.log_tail[-20:], line]
-                if '"event": "server_started"' in line:
-                    self.target = json.loads(line)["grpc_address"]
-                    started.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not started.wait(timeout=120):
-            self.process.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log_tail))
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
 
 
 class Mix:
@@ -209,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model_dir.is_dir()):
         print(f"error: {args.model_dir}: no model directory (run `make run` and `make export` first)", file=sys.stderr)
         return 2
-    server = SoakServer(args.model_dir, ["--intra-op-threads", "1", *args.server_arg])
+    server = ServerProcess.vae_server(f"--model-dir={args.model_dir}", "--intra-op-threads=1", *args.server_arg)
     try:
+        server.wait_started(timeout_s=120)
         report = soak(server.target, server.rss_bytes, args.duration, args.rate, args.workers, args.windows)
     finally:
         report_exit = server.stop()

@@ -1,15 +1,38 @@
-"""Helpers shared by the tests."""
+"""What the tests share: a tiny trained model, servers in-process and as processes, metrics, certificates.
+
+Fixtures built from these live in tests/conftest.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import gzip
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
+import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
+from bench.server_process import ServerProcess, rss_bytes
+from serving.server.app import RunningServer, start_server
+from serving.server.config import ServerConfig
+from serving.settings import build
 from training.checkpoint import save_checkpoint
 from training.model import VAE, VAEConfig, vae_loss
+
+__all__ = ["ServerProcess", "rss_bytes"]  # re-exported: the benchmarks' process harness is the tests' too
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def mnist_5k_images(count: int) -> torch.Tensor:
@@ -50,3 +73,143 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as stream:
         stream.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def server_config(model_dir: Path, **overrides: Any) -> ServerConfig:
+    """A server on free 127.0.0.1 ports with few threads, as the tests run it; overrides by setting name."""
+    defaults = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "intra_op_threads": 1, "grace_seconds": 2.0}
+    return build(ServerConfig, {**defaults, "model_dir": model_dir, **overrides})
+
+
+class ServerThread:
+    """`start_server` on an event loop in a daemon thread, so tests can use the blocking public client."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._started: Future[RunningServer] = Future()
+        self._thread = threading.Thread(target=self._run, name="vae-test-server", daemon=True)
+        self._thread.start()
+        self.running = self._started.result(timeout=60)
+        self.target = f"127.0.0.1:{self.running.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.running.metrics_port}/metrics"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self._started.set_result(self.loop.run_until_complete(start_server(self.config)))
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            return
+        self.loop.run_forever()
+
+    def stop(self, grace_seconds: float = 1.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(grace_seconds), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's current value from the server's registry (0 when absent)."""
+        value = self.running.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+@contextmanager
+def running_server(model_dir: Path, **overrides: Any) -> Iterator[ServerThread]:
+    server = ServerThread(server_config(model_dir, **overrides))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """GET /metrics and parse it: sample name → [(labels, value)]."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class DirectGraphs:
+    """The exported graphs run straight from their files: the reference the server's answers must equal."""
+
+    def __init__(self, model_dir: Path, version: int = 1) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        path = model_dir / str(version)
+        self.encoder = ort.InferenceSession(str(path / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+        self.decoder = ort.InferenceSession(str(path / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, log_var = self.encoder.run(["mu", "log_var"], {"x": images.astype(np.float32)})
+        return mu, log_var
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self.decoder.run(["x"], {"z": latents.astype(np.float32)})[0]
+
+
+def patient_config(model_dir: Path, max_batch_size: int) -> ServerConfig:
+    """A server whose lone request waits 1.5 s for company (`fixed` wait), queueing at most 16 rows.
+
+    Only a full batch runs early, so what merges and what is refused is decided by row counts, not timing.
+    """
+    return server_config(
+        model_dir,
+        max_batch_size=max_batch_size,
+        max_delay_ms=1500,
+        batch_wait="fixed",
+        max_queue_rows=16,
+        max_items_per_request=16,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Pem:
+    cert: Path
+    key: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """Certificates for the TLS tests: a CA, a server and a client it signed, and a second, foreign CA."""
+
+    ca: Path
+    server: Pem
+    client: Pem
+    other_ca: Path
+    other_client: Pem  # signed by other_ca
+
+
+def make_pki(directory: Path) -> Pki:
+    """Write the certificates of `Pki` as PEM files into `directory` (trustme: a test CA and leaf certs)."""
+    ca, other = trustme.CA(), trustme.CA()
+
+    def leaf(authority: trustme.CA, name: str, *identities: str) -> Pem:
+        issued = authority.issue_cert(*identities)
+        pem = Pem(directory / f"{name}.crt", directory / f"{name}.key")
+        issued.cert_chain_pems[0].write_to_path(str(pem.cert))
+        issued.private_key_pem.write_to_path(str(pem.key))
+        return pem
+
+    ca.cert_pem.write_to_path(str(directory / "ca.crt"))
+    other.cert_pem.write_to_path(str(directory / "other-ca.crt"))
+    return Pki(
+        ca=directory / "ca.crt",
+        server=leaf(ca, "server", "127.0.0.1", "localhost"),
+        client=leaf(ca, "client", "client.test"),
+        other_ca=directory / "other-ca.crt",
+        other_client=leaf(other, "intruder", "intruder.test"),
+    )

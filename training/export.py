@@ -8,7 +8,7 @@ writes `models/vae-mnist/<N>/{encoder.onnx, decoder.onnx, model.json}`; N is the
 `torch.onnx.export(dynamo=True)` with a dynamic batch axis, pass `onnx.checker` (full check) and must match
 PyTorch (eval mode) on onnxruntime's CPU provider within 1e-5 at batch 1, 7 and 256. Everything is built in
 memory, written into a temporary directory beside the versions, verified with the same reader the server
-uses (`serving.repository`) and renamed into place: a failure or a crash never leaves a half version.
+uses (`serving.dataplane.repository`) and renamed into place: a failure or a crash never leaves a half version.
 """
 
 from __future__ import annotations

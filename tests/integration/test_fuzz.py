@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.api import pb, pb_grpc
-from tests.serving_helpers import DirectGraphs, ServerThread, running_server
+from tests.helpers import DirectGraphs, ServerThread, running_server
 
 T = TypeVar("T")
 LATENT_DIM = 20
@@ -29,9 +29,6 @@ MAX_STREAM_SAMPLES = 256
 MAX_MESSAGE_BYTES = 256 * 1024
 TIMEOUT_S = 30.0  # a hang is a failure: no fuzzed call may need anything near this
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-FUZZ = settings(
-    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +171,6 @@ def assert_server_answers_correctly(server: ServerThread, stub: pb_grpc.VaeServi
 def test_encode_answers_any_tensor_with_ok_or_a_documented_code(
     fuzz_server: ServerThread, stub: pb_grpc.VaeServiceStub, exported_repository: Path
 ) -> None:
-    @FUZZ
     @given(tensors("images"))
     def encode(images: pb.Tensor) -> None:
         code, reply = outcome(lambda: stub.Encode(make(pb.EncodeRequest, images=images), timeout=TIMEOUT_S))
@@ -188,7 +184,6 @@ def test_encode_answers_any_tensor_with_ok_or_a_documented_code(
 def test_decode_answers_any_tensor_and_output_dtype_with_ok_or_a_documented_code(
     fuzz_server: ServerThread, stub: pb_grpc.VaeServiceStub, exported_repository: Path
 ) -> None:
-    @FUZZ
     @given(tensors("latents"), ENUMS)
     def decode(latents: pb.Tensor, output_dtype: int) -> None:
         request = make(pb.DecodeRequest, latents=latents, output_dtype=output_dtype)
@@ -205,7 +200,6 @@ def test_decode_answers_any_tensor_and_output_dtype_with_ok_or_a_documented_code
 def test_sample_answers_any_count_seed_temperature_and_dtype(
     fuzz_server: ServerThread, stub: pb_grpc.VaeServiceStub, exported_repository: Path
 ) -> None:
-    @FUZZ
     @given(sample_requests(COUNTS))
     def sample(request: pb.SampleRequest) -> None:
         code, reply = outcome(lambda: stub.Sample(request, timeout=TIMEOUT_S))
@@ -222,7 +216,6 @@ def test_sample_answers_any_count_seed_temperature_and_dtype(
 def test_sample_stream_answers_any_request_and_streams_at_most_the_limit(
     fuzz_server: ServerThread, stub: pb_grpc.VaeServiceStub, exported_repository: Path
 ) -> None:
-    @FUZZ
     @given(sample_requests(st.one_of(COUNTS, st.integers(MAX_STREAM_SAMPLES - 2, MAX_STREAM_SAMPLES + 2))))
     def sample_stream(request: pb.SampleRequest) -> None:
         code, rows = outcome(
@@ -241,7 +234,6 @@ def test_interpolate_answers_any_endpoints_steps_and_method(
     kinds = st.sampled_from(["images", "latents"])
     steps = st.one_of(st.integers(0, MAX_STEPS + 2), st.integers(0, 2**32 - 1))
 
-    @FUZZ
     @given(kinds.flatmap(tensors), kinds.flatmap(tensors), steps, ENUMS, ENUMS, st.booleans())
     def interpolate(start: pb.Tensor, end: pb.Tensor, steps: int, method: int, dtype: int, same: bool) -> None:
         request = make(
@@ -309,7 +301,7 @@ def test_raw_malformed_bytes_get_invalid_argument_or_a_documented_code(
 ) -> None:
     seen: set[grpc.StatusCode] = set()
 
-    @settings(FUZZ, max_examples=150)
+    @settings(max_examples=settings().max_examples * 5 // 2)  # the loaded profile's, x2.5: bytes are cheap
     @given(wire_bytes())
     def send(method_and_bytes: tuple[str, bytes]) -> None:
         method, data = method_and_bytes

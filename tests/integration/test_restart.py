@@ -27,18 +27,16 @@ import pytest
 from serving.client import VaeClient, VaeError
 from serving.dataplane.repository import ModelRepositoryError
 from serving.server.app import start_server
-from tests.serving_helpers import DirectGraphs, ServerProcess, running_server, server_config
+from tests.helpers import DirectGraphs, ServerProcess, running_server, server_config
 
 GRACE_SECONDS = 5.0
 SEEDS = range(8)
 
 
 def start_process(model_dir: Path) -> ServerProcess:
-    server = ServerProcess(
-        "--model-dir", str(model_dir), "--intra-op-threads", "1", "--grace-seconds", str(GRACE_SECONDS)
-    )
-    server.wait_started()
-    return server
+    return ServerProcess.vae_server(
+        f"--model-dir={model_dir}", "--intra-op-threads=1", f"--grace-seconds={GRACE_SECONDS}"
+    ).wait_started()
 
 
 def test_sigterm_under_steady_load_loses_nothing_and_a_new_server_serves_the_same_samples(
@@ -79,7 +77,7 @@ def test_sigterm_under_steady_load_loses_nothing_and_a_new_server_serves_the_sam
             signalled_at = time.monotonic()
             for worker in workers:
                 worker.result(timeout=60)
-        assert first.finish(timeout_s=GRACE_SECONDS + 20) == 0
+        assert first.wait(timeout_s=GRACE_SECONDS + 20) == 0
         assert time.monotonic() - signalled_at < GRACE_SECONDS + 5
     finally:
         if first.process.poll() is None:
@@ -95,8 +93,7 @@ def test_sigterm_under_steady_load_loses_nothing_and_a_new_server_serves_the_sam
             for seed, images in answered.items():
                 np.testing.assert_array_equal(client.sample(4, seed=seed)[0], images)  # bit for bit
     finally:
-        second.process.send_signal(signal.SIGTERM)
-        assert second.finish() == 0
+        assert second.stop() == 0
 
 
 def _tamper_encoder(version_dir: Path) -> None:

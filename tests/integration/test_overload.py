@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import time
@@ -24,33 +23,29 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.api import pb, pb_grpc
 from serving.api.tensors import tensor_from_proto, tensor_to_proto
 from serving.client import VaeClient, VaeError
-from tests.serving_helpers import DirectGraphs, ServerProcess, ServerThread, running_server, scrape, wait_until
+from tests.helpers import (
+    DirectGraphs,
+    ServerProcess,
+    ServerThread,
+    patient_config,
+    rss_bytes,
+    running_server,
+    scrape,
+    wait_until,
+)
 
 LATENT_DIM = 20
 REQUEST_ROWS = 256
 BURST = 96  # requests at once: 24,576 rows against a queue of 512
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process, from /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
-
-
 @pytest.fixture(scope="module")
 def burst_server(exported_repository: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        "--model-dir", str(exported_repository), "--intra-op-threads", "1", "--max-batch-size", "64",
-        "--max-queue-rows", "512", "--max-items-per-request", str(REQUEST_ROWS), "--max-delay-ms", "2",
-    )  # fmt: skip
-    try:
-        server.wait_started()
+    with ServerProcess.vae_server(
+        f"--model-dir={exported_repository}", "--intra-op-threads=1", "--max-batch-size=64", "--max-queue-rows=512",
+        f"--max-items-per-request={REQUEST_ROWS}", "--max-delay-ms=2",
+    ) as server:  # fmt: skip
         yield server
-    finally:
-        server.process.send_signal(signal.SIGTERM)
-        server.finish()
 
 
 async def _burst(target: str, latents: list[np.ndarray]) -> tuple[list[tuple[int, object]], list[int]]:
@@ -112,16 +107,10 @@ def test_a_burst_past_the_queue_bound_sheds_the_excess_and_answers_the_rest(
 
 @pytest.fixture(scope="module")
 def patient_server(exported_repository: Path) -> Iterator[ServerThread]:
-    """A lone request waits 1.5 s for company (`fixed` wait); 16 rows fill both a batch and the queue."""
-    with running_server(
-        exported_repository,
-        max_batch_size=16,
-        max_delay_ms=1500,
-        batch_wait="fixed",
-        max_queue_rows=16,
-        max_items_per_request=16,
-    ) as server:
-        yield server
+    """16 rows fill both a batch and the queue (tests.helpers.patient_config)."""
+    server = ServerThread(patient_config(exported_repository, max_batch_size=16))
+    yield server
+    server.stop()
 
 
 def test_cancelled_and_expired_calls_never_run_and_give_their_slots_back(

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent  # kubectl, kubernetes-validate and hadolint come from the venv
 OVERLAYS = ("cpu", "gpu")

@@ -22,30 +22,17 @@ from PIL import Image
 from serving.client import VaeClient, VaeError
 from serving.client import cli as client_cli
 from serving.server.app import StartupError, start_server
-from tests.serving_helpers import DirectGraphs, ServerProcess, ServerThread, scrape, server_config, wait_until
+from tests.helpers import DirectGraphs, ServerProcess, ServerThread, scrape, server_config, wait_until
 
 
 @pytest.fixture
 def server_process(exported_repository: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        "--model-dir",
-        str(exported_repository),
-        "--max-delay-ms",
-        "2000",
-        "--batch-wait",
-        "fixed",  # every batch waits out the delay, so requests stay queued
-        "--grace-seconds",
-        "10",
-        "--intra-op-threads",
-        "1",
-    )
-    try:
-        server.wait_started()
+    # every batch waits out the delay (fixed wait), so requests stay queued
+    with ServerProcess.vae_server(
+        f"--model-dir={exported_repository}", "--max-delay-ms=2000", "--batch-wait=fixed", "--grace-seconds=10",
+        "--intra-op-threads=1",
+    ) as server:  # fmt: skip
         yield server
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=10)
 
 
 def test_sigterm_during_a_burst_loses_no_accepted_request_and_exits_0(
@@ -84,7 +71,7 @@ def test_sigterm_during_a_burst_loses_no_accepted_request_and_exits_0(
     np.testing.assert_allclose(np.concatenate(answers), expected, atol=1e-5)
     assert set(loop_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, loop_codes
     assert loop_codes.count(grpc.StatusCode.OK) >= 4  # the loopers' queued calls were accepted, so answered
-    assert server_process.finish() == 0
+    assert server_process.wait() == 0
     events = [json.loads(line)["event"] for line in server_process.lines if line.startswith("{")]
     assert events[-3:] == ["server_started", "server_draining", "server_stopped"]
 

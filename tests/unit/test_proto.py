@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from serving.api import SERVICE_NAME, codegen, pb
@@ -66,8 +64,3 @@ def test_every_field_of_the_proto_is_documented() -> None:
         is_field = stripped.endswith(";") and "=" in stripped and not stripped.startswith(("//", "syntax", "package"))
         if is_field or (stripped.startswith(("rpc ", "message ", "enum "))):
             assert lines[number - 1].strip().startswith("//"), f"vae.proto line {number + 1} has no comment: {stripped}"
-
-
-def test_serving_imports_no_torch() -> None:
-    code = "import sys, serving.server, serving.client; assert 'torch' not in sys.modules, 'serving imported torch'"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -98,3 +98,14 @@ def test_connection_age_becomes_grpc_server_options() -> None:
     )
     with pytest.raises(SettingError, match="max-connection-age-seconds"):
         load_config(["--max-connection-age-seconds", "-1"], {})
+
+
+def test_limits_have_safe_defaults() -> None:
+    from serving.server.app import grpc_options
+
+    config = ServerConfig()
+    assert config.network.max_message_bytes == 16 * 1024 * 1024 and config.limits.max_items_per_request == 1024
+    assert config.network.max_concurrent_rpcs == 1000 and config.limits.max_sample_streams == 64
+    options = dict(grpc_options(config))
+    assert options["grpc.max_concurrent_streams"] == 100
+    assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 16 * 1024 * 1024

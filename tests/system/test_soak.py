@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_a_20_second_soak_has_no_errors_and_flat_memory(exported_repository: Path) -> None:
@@ -23,5 +22,7 @@ def test_a_20_second_soak_has_no_errors_and_flat_memory(exported_repository: Pat
     assert report["error_count"] == 0 and report["errors"] == {}
     assert report["calls"] >= 200 and all(window["calls"] > 0 for window in report["windows"])
     assert report["rss_growth_mib"] < 32
-    assert math.isfinite(report["p99_drift_ratio"]) and report["p99_drift_ratio"] > 0  # reported; noisy here
+    # Latency must not creep up over the run (a leak or a growing queue would): the last window's p99 within 3x
+    # the first's. The first window holds the warm-up, so a steady server's ratio is usually below 1.
+    assert report["p99_drift_ratio"] < 3, report["windows"]
     assert report["server_exit_code"] == 0

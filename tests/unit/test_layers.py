@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SERVING = Path(__file__).resolve().parent.parent / "serving"
+from tests.helpers import ROOT
+
+SERVING = ROOT / "serving"
 
 
 def loaded_after_import(*modules: str) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,24 +15,15 @@ import pytest
 from serving.api import SERVICE_METHODS as METHODS
 from serving.client import VaeClient, VaeError
 from serving.metrics import GRAPHS
-from tests.serving_helpers import DirectGraphs, ServerThread, running_server, scrape, wait_until
+from tests.helpers import DirectGraphs, ServerThread, patient_config, running_server, scrape, wait_until
 
 
 @pytest.fixture(scope="module")
 def patient_server(exported_repository: Path) -> Iterator[ServerThread]:
-    """Batches of 8 rows; a lone request waits 1.5 s for company (`fixed` wait); at most 16 rows queued.
-
-    Only a full batch runs early, so what merges is decided by row counts, not by timing.
-    """
-    with running_server(
-        exported_repository,
-        max_batch_size=8,
-        max_delay_ms=1500,
-        batch_wait="fixed",
-        max_queue_rows=16,
-        max_items_per_request=16,
-    ) as server:
-        yield server
+    """Batches of 8 rows (tests.helpers.patient_config)."""
+    server = ServerThread(patient_config(exported_repository, max_batch_size=8))
+    yield server
+    server.stop()
 
 
 def decoder_runs(server: ServerThread) -> tuple[float, float]:
@@ -144,13 +136,18 @@ def test_request_logging_writes_one_json_line_per_request(
 ) -> None:
     caplog.set_level("INFO", logger="serving.grpc.interceptors")
     with running_server(exported_repository, log_requests=True) as server, VaeClient(server.target) as client:
+        started = time.perf_counter()
         client.sample(3, seed=0)
+        round_trip_ms = (time.perf_counter() - started) * 1000
         with pytest.raises(VaeError):
             client.sample(0)
+        histogram_sum_s = server.metric("vae_request_duration_seconds_sum", method="Sample")
     lines = [record for record in caplog.records if record.getMessage() == "request"]
     fields = [record.__dict__["fields"] for record in lines]  # the `extra` of each log call
     assert [(f["method"], f["code"], f["items"]) for f in fields] == [
         ("Sample", "OK", 3),
         ("Sample", "INVALID_ARGUMENT", None),
     ]
-    assert all(f["duration_ms"] >= 0 for f in fields)
+    # the line's duration is the one the latency histogram recorded, and the server's part of the round trip
+    assert sum(f["duration_ms"] for f in fields) == pytest.approx(histogram_sum_s * 1000, abs=0.002)
+    assert 0 < fields[0]["duration_ms"] < round_trip_ms

@@ -188,12 +188,6 @@ def test_version_copied_under_another_name_is_refused(exported_repository: Path,
         load_version(model_dir)
 
 
-def test_serving_repository_imports_no_torch() -> None:
-    code = "import sys, serving.dataplane.repository; print('torch' in sys.modules, 'onnx' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert result.stdout.split() == ["False", "False"]
-
-
 def test_check_cli_prints_a_verdict_per_version(exported_repository: Path, tmp_path: Path) -> None:
     model_dir = copy_model(exported_repository, tmp_path)
     shutil.copytree(model_dir / "1", model_dir / "2")  # its manifest says version 1: refused

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving.api import pb
 from serving.client import VaeClient, VaeError
 from serving.dataplane.interpolation import interpolate
-from tests.serving_helpers import DirectGraphs, ServerThread
+from tests.helpers import DirectGraphs, ServerThread
 
 TOLERANCE = 1e-5
 
@@ -100,7 +100,7 @@ def test_sample_stream_stops_when_the_client_goes_away(vae_server: ServerThread,
     stream = vae_client.sample_stream(100_000, seed=1)
     next(stream)
     stream.close()  # cancels the RPC
-    from tests.serving_helpers import wait_until
+    from tests.helpers import wait_until
 
     wait_until(lambda: vae_server.metric("vae_inflight_requests") == 0, what="the stream to end on the server")
     assert vae_server.metric("vae_batch_rows_sum", graph="decoder") - before < 1_000  # not 100,000

@@ -24,9 +24,8 @@ import pytest
 import yaml
 
 from serving.client import VaeClient, VaeError
-from tests.serving_helpers import ServerThread, running_server
+from tests.helpers import ROOT, ServerThread, running_server
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RATE_WINDOW = "20s"  # stands in for Grafana's $__rate_interval at a 1 s scrape interval
 

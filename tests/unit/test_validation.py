@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -31,7 +31,6 @@ def test_tensor_round_trip_keeps_shape_dtype_and_values() -> None:
         np.testing.assert_array_equal(back, array)
 
 
-@settings(max_examples=60, deadline=None)
 @given(
     hnp.arrays(
         dtype=st.sampled_from([np.float32, np.uint8]).map(np.dtype),
