@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,78 +137,151 @@ def make_optimizer(model: VAE, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
+@dataclass
+class EarlyStopping:
+    """The early-stopping counters; saved in every checkpoint so that a resumed run stops where a straight one would."""
+
+    best_val_loss: float = math.inf
+    epochs_without_improvement: int = 0
+
+    def update(self, val_loss: float, epoch: int, warmup_epochs: int) -> bool:
+        """Record epoch `epoch`'s validation loss; returns whether it beat the best by more than MIN_IMPROVEMENT."""
+        if val_loss < self.best_val_loss - MIN_IMPROVEMENT:
+            self.best_val_loss = val_loss
+            self.epochs_without_improvement = 0
+            return True
+        if epoch + 1 > warmup_epochs:  # the loss keeps changing meaning while beta warms up
+            self.epochs_without_improvement += 1
+        return False
+
+    def exhausted(self, patience: int) -> bool:
+        """Whether `patience` epochs have passed without improvement (patience 0: never)."""
+        return bool(patience) and self.epochs_without_improvement >= patience
+
+
+@dataclass
+class TrainingState:
+    """What last.pt captures and resume restores: the model, its optimizer, the RNGs, the epoch, early stopping."""
+
+    model: VAE
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # shuffles the batches; torch's global RNG drives the model's sampling
+    device: torch.device
+    epoch: int = 0  # epochs completed
+    stopping: EarlyStopping = field(default_factory=EarlyStopping)
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run a training as configured; returns the evaluation of the best checkpoint."""
     device = resolve_device(config.device)
-    out = Path(config.out)
     resumed = load_checkpoint(Path(config.resume)) if config.resume else None
+    config, dataset, train_images = load_training_data(config, device)
+    state = build_training_state(config, resumed, device)
+    if resumed:
+        restore_resume_state(state, resumed, source=str(config.resume))
+    out = Path(config.out)
+    history = start_run_directory(out, config, state.epoch)
+    history += train_epochs(state, config, dataset, train_images, out)
+    return evaluate_best(out, dataset, history, config, device)
+
+
+def load_training_data(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, Dataset, torch.Tensor]:
+    """Load the dataset onto `device`; returns the config with "auto" resolved, the dataset and the training images."""
     dataset = load_dataset(config.dataset, config.data_dir, config.split_seed).to(device)
     config = replace(config, dataset=dataset.name) if config.dataset == "auto" else config
     train_images = dataset.train.head(config.limit).images.contiguous(memory_format=torch.channels_last)
+    return config, dataset, train_images
 
+
+def build_training_state(config: TrainConfig, resumed: dict[str, Any] | None, device: torch.device) -> TrainingState:
+    """Seed torch, then build the model (fresh, or the resumed checkpoint's), its optimizer and the data generator."""
     torch.manual_seed(config.seed)
     model = (model_from_checkpoint(resumed) if resumed else VAE(VAEConfig(latent_dim=config.latent_dim))).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    state = {"best_val_loss": math.inf, "epochs_without_improvement": 0}
-    start_epoch = 0
-    if resumed:
-        if "optimizer" not in resumed or "extra" not in resumed:
-            raise CheckpointError(f"cannot resume from {config.resume}: it holds no optimizer state (use last.pt)")
-        optimizer.load_state_dict(resumed["optimizer"])
-        start_epoch = resumed["epoch"]
-        extra = resumed["extra"]
-        state = {key: extra[key] for key in state}
-        torch.set_rng_state(extra["rng_state"])
-        generator.set_state(extra["data_rng_state"])
-        if device.type == "cuda" and "cuda_rng_state" in extra:
-            torch.cuda.set_rng_state(extra["cuda_rng_state"], device)
+    return TrainingState(model, optimizer, torch.Generator().manual_seed(config.seed), device)
 
+
+def restore_resume_state(state: TrainingState, checkpoint: dict[str, Any], source: str) -> None:
+    """Continue where the checkpoint's run stopped: its optimizer, epoch, early-stopping counters and RNG states."""
+    if "optimizer" not in checkpoint or "extra" not in checkpoint:
+        raise CheckpointError(f"cannot resume from {source}: it holds no optimizer state (use last.pt)")
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.epoch = checkpoint["epoch"]
+    extra = checkpoint["extra"]
+    state.stopping = EarlyStopping(extra["best_val_loss"], extra["epochs_without_improvement"])
+    torch.set_rng_state(extra["rng_state"])
+    state.generator.set_state(extra["data_rng_state"])
+    if state.device.type == "cuda" and "cuda_rng_state" in extra:
+        torch.cuda.set_rng_state(extra["cuda_rng_state"], state.device)
+
+
+def start_run_directory(out: Path, config: TrainConfig, start_epoch: int) -> list[dict[str, Any]]:
+    """Write config.json and cut metrics.jsonl back to `start_epoch` (resume redoes later epochs); returns its rows."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     history = [row for row in read_metrics(out / "metrics.jsonl") if row["epoch"] <= start_epoch]
     write_metrics(out / "metrics.jsonl", history)
-    bf16 = use_bf16(config.precision, device)
-    step = make_train_step(model, optimizer, bf16)
+    return history
+
+
+def train_epochs(
+    state: TrainingState, config: TrainConfig, dataset: Dataset, train_images: torch.Tensor, out: Path
+) -> list[dict[str, Any]]:
+    """Train from `state.epoch` to `config.epochs` or early stopping, saving after each epoch; returns the new rows."""
+    bf16 = use_bf16(config.precision, state.device)
+    step = make_train_step(state.model, state.optimizer, bf16)
     sizes = f"{len(train_images)} train / {len(dataset.validation)} validation images"
     print(
-        f"training on {dataset.name} ({sizes}), {device}, {'bf16' if bf16 else 'fp32'}, run dir {out}", file=sys.stderr
+        f"training on {dataset.name} ({sizes}), {state.device}, {'bf16' if bf16 else 'fp32'}, run dir {out}",
+        file=sys.stderr,
     )
-
-    for epoch in range(start_epoch, config.epochs):
-        if config.patience and state["epochs_without_improvement"] >= config.patience:
+    rows = []
+    for epoch in range(state.epoch, config.epochs):
+        if state.stopping.exhausted(config.patience):
             break
-        row = run_epoch(model, step, optimizer, train_images, dataset, config, epoch, generator)
-        history.append(row)
-        improved = row["val_loss"] < state["best_val_loss"] - MIN_IMPROVEMENT
-        if improved:
-            state["best_val_loss"] = row["val_loss"]
-            state["epochs_without_improvement"] = 0
-        elif epoch + 1 > config.warmup_epochs:  # the loss keeps changing meaning while beta warms up
-            state["epochs_without_improvement"] += 1
-        fields_ = {
-            "train_config": asdict(config),
-            "dataset": dataset.name,
-            "epoch": epoch + 1,
-            "metrics": {key: value for key, value in row.items() if key.startswith("val_")},
-            "optimizer": optimizer.state_dict(),
-            "extra": {
-                **state,
-                "rng_state": torch.get_rng_state(),
-                "data_rng_state": generator.get_state(),
-                **({"cuda_rng_state": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-            },
-        }
-        with (out / "metrics.jsonl").open("a") as stream:
-            stream.write(json.dumps(row) + "\n")
-        if improved:
-            save_checkpoint(out / "best.pt", model, **fields_)
-        save_checkpoint(out / "last.pt", model, **fields_)
-        if config.patience and state["epochs_without_improvement"] >= config.patience:
+        row = run_epoch(state.model, step, state.optimizer, train_images, dataset, config, epoch, state.generator)
+        rows.append(row)
+        improved = state.stopping.update(row["val_loss"], epoch, config.warmup_epochs)
+        state.epoch = epoch + 1
+        append_metrics(out / "metrics.jsonl", row)
+        save_checkpoints(out, state, config, row, improved)
+        if state.stopping.exhausted(config.patience):
             tqdm.write(f"early stop: no better validation loss for {config.patience} epochs", file=sys.stderr)
             break
+    return rows
 
+
+def save_checkpoints(out: Path, state: TrainingState, config: TrainConfig, row: dict[str, Any], improved: bool) -> None:
+    """Write last.pt, and best.pt too when the validation loss improved."""
+    fields = checkpoint_fields(state, config, row)
+    if improved:
+        save_checkpoint(out / "best.pt", state.model, **fields)
+    save_checkpoint(out / "last.pt", state.model, **fields)
+
+
+def checkpoint_fields(state: TrainingState, config: TrainConfig, row: dict[str, Any]) -> dict[str, Any]:
+    """The fields beside the weights (see training.checkpoint); "extra" is what restore_resume_state reads."""
+    cuda_rng = {"cuda_rng_state": torch.cuda.get_rng_state(state.device)} if state.device.type == "cuda" else {}
+    return {
+        "train_config": asdict(config),
+        "dataset": config.dataset,
+        "epoch": state.epoch,
+        "metrics": {key: value for key, value in row.items() if key.startswith("val_")},
+        "optimizer": state.optimizer.state_dict(),
+        "extra": {
+            **asdict(state.stopping),
+            "rng_state": torch.get_rng_state(),
+            "data_rng_state": state.generator.get_state(),
+            **cuda_rng,
+        },
+    }
+
+
+def evaluate_best(
+    out: Path, dataset: Dataset, history: list[dict[str, Any]], config: TrainConfig, device: torch.device
+) -> dict[str, Any]:
+    """Evaluate best.pt into evaluation.json and draw the pictures from it; returns the evaluation."""
     best = model_from_checkpoint(load_checkpoint(out / "best.pt", map_location=device)).to(device)
     result = evaluate(best, dataset, config.eval_iwae_samples, config.eval_iwae_images, seed=config.seed)
     (out / "evaluation.json").write_text(json.dumps(result) + "\n")
@@ -235,17 +308,7 @@ def run_epoch(
         group["lr"] = lr
     model.train()
     started = time.perf_counter()
-    sums = torch.zeros(2, device=train_images.device)
-    bar = tqdm(total=len(train_images), desc=f"epoch {epoch + 1}/{config.epochs}", unit="img", leave=False)
-    for index, batch in enumerate(shuffled_batches(train_images, config.batch_size, generator)):
-        reconstruction, kl = step(batch, beta)
-        sums += torch.stack([reconstruction, kl]) * len(batch)
-        bar.update(len(batch))
-        if index % 10 == 0:  # the only host sync of the loop: the running loss on the bar
-            bar.set_postfix(loss=f"{(sums[0] + beta * sums[1]).item() / bar.n:.2f}")
-    bar.close()
-    if train_images.device.type == "cuda":
-        torch.cuda.synchronize()
+    sums = train_pass(step, train_images, config.batch_size, generator, beta, f"epoch {epoch + 1}/{config.epochs}")
     seconds = time.perf_counter() - started
     train_reconstruction, train_kl = (sums / len(train_images)).tolist()
     model.eval()
@@ -264,13 +327,42 @@ def run_epoch(
         "seconds": seconds,
         "samples_per_second": len(train_images) / seconds,
     }
+    print_epoch(row)
+    return row
+
+
+def train_pass(
+    step: TrainStep,
+    train_images: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    beta: float,
+    description: str,
+) -> torch.Tensor:
+    """Step through one shuffled pass under a progress bar; returns the summed (reconstruction, KL), device synced."""
+    sums = torch.zeros(2, device=train_images.device)
+    bar = tqdm(total=len(train_images), desc=description, unit="img", leave=False)
+    for index, batch in enumerate(shuffled_batches(train_images, batch_size, generator)):
+        reconstruction, kl = step(batch, beta)
+        sums += torch.stack([reconstruction, kl]) * len(batch)
+        bar.update(len(batch))
+        if index % 10 == 0:  # the only host sync of the loop: the running loss on the bar
+            bar.set_postfix(loss=f"{(sums[0] + beta * sums[1]).item() / bar.n:.2f}")
+    bar.close()
+    if train_images.device.type == "cuda":
+        torch.cuda.synchronize()
+    return sums
+
+
+def print_epoch(row: dict[str, Any]) -> None:
+    """One stderr line per epoch, written above the progress bar."""
     tqdm.write(
-        f"epoch {epoch + 1}: train {row['train_loss']:.2f} (rec {train_reconstruction:.2f}, kl {train_kl:.2f}) "
-        f"val {row['val_loss']:.2f} (rec {val_reconstruction:.2f}, kl {val_kl:.2f}) beta {beta:.2f} lr {lr:.2g} "
-        f"{row['samples_per_second']:,.0f} img/s",
+        f"epoch {row['epoch']}: train {row['train_loss']:.2f} "
+        f"(rec {row['train_reconstruction']:.2f}, kl {row['train_kl']:.2f}) "
+        f"val {row['val_loss']:.2f} (rec {row['val_reconstruction']:.2f}, kl {row['val_kl']:.2f}) "
+        f"beta {row['beta']:.2f} lr {row['lr']:.2g} {row['samples_per_second']:,.0f} img/s",
         file=sys.stderr,
     )
-    return row
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -281,6 +373,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """Add one epoch's row; metrics.jsonl grows as the run goes, so it is readable while training."""
+    with path.open("a") as stream:
+        stream.write(json.dumps(row) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
