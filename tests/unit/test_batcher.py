@@ -22,8 +22,10 @@ class FakeModel:
         self.threads: list[int] = []  # where each run ran (thread ident)
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set when a run has started (and may be waiting on the gate)
 
     def run(self, rows: np.ndarray) -> Sequence[np.ndarray]:
+        self.entered.set()
         self.gate.wait(timeout=10)
         self.batches.append(len(rows))
         self.threads.append(threading.get_ident())
@@ -65,13 +67,21 @@ async def test_concurrent_requests_are_merged_into_one_run_and_split_back() -> N
     await batcher.close()
 
 
-async def hold_worker(batcher: Batcher, model: FakeModel) -> asyncio.Future[tuple[np.ndarray, ...]]:
-    """A 1-row request whose run blocks in its thread until `model.gate` is set: the worker is busy."""
+async def blocked_run(
+    model: FakeModel, batcher: Batcher, request: np.ndarray
+) -> asyncio.Future[tuple[np.ndarray, ...]]:
+    """`request` sent while `model.gate` is closed, once its run has started in its thread: the worker is busy."""
     model.gate.clear()
-    running = asyncio.ensure_future(batcher.run(rows(1, start=-1.0)))
-    await asyncio.sleep(0.05)  # a lone request runs at once: it is in its thread now, waiting on the gate
+    model.entered.clear()
+    running = asyncio.ensure_future(batcher.run(request))
+    await asyncio.wait_for(asyncio.to_thread(model.entered.wait, 10), timeout=10)  # a lone request runs at once
     assert batcher.queued_rows == 0 and not running.done()
     return running
+
+
+async def hold_worker(batcher: Batcher, model: FakeModel) -> asyncio.Future[tuple[np.ndarray, ...]]:
+    """A 1-row request whose run blocks in its thread until `model.gate` is set: the worker is busy."""
+    return await blocked_run(model, batcher, rows(1, start=-1.0))
 
 
 async def test_a_lone_request_runs_at_once_without_waiting_out_the_delay() -> None:
@@ -165,9 +175,7 @@ def test_expected_rows_is_the_recent_peak_or_one_more_than_arrived_during_a_run(
 async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
     model = FakeModel()
     batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=0), model)
-    model.gate.clear()
-    first = asyncio.ensure_future(batcher.run(rows(1)))
-    await asyncio.sleep(0.05)  # the first run is now blocked in its thread
+    first = await blocked_run(model, batcher, rows(1))
     later = [asyncio.ensure_future(batcher.run(rows(1, start=i))) for i in range(10)]
     await asyncio.sleep(0.05)
     model.gate.set()
