@@ -1,0 +1,1 @@
+"""Test tiers: unit (tests/unit), integration (tests/integration), system (tests/system)."""

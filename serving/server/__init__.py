@@ -1,0 +1,1 @@
+"""The server process: configuration, start-up, serving, draining, logs (`python -m serving.server`)."""

@@ -1,0 +1,1 @@
+"""Whole programs and real tools: training runs, export, Prometheus, deploy checks, soak, sweep."""

@@ -1,0 +1,1 @@
+"""Pure functions and in-process components: seconds, no sockets."""
