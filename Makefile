@@ -46,8 +46,8 @@ $(STAMP): pyproject.toml
 
 proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae/v1/vae.proto
 
-$(PROTO_OUT): $(PROTO_SRC) serving/api/codegen.py $(STAMP)
-	$(PY) -m serving.api.codegen
+$(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
+	$(PY) -m serving.codegen
 
 test: install lint ## lint, then every test tier: unit, integration and system (what CI runs)
 	$(PY) -m pytest

@@ -292,7 +292,7 @@ def test_the_images_install_steps_build_a_working_serving_package(tmp_path: Path
     def run(*args: str, cwd: Path = context) -> None:
         subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True, timeout=300)
 
-    run(python, "-m", "serving.api.codegen")
+    run(python, "-m", "serving.codegen")
     run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target", str(tmp_path / "site"), ".")
     site = tmp_path / "site"
     assert (site / "serving" / "proto" / "vae" / "v1" / "vae_pb2_grpc.py").is_file()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.api import SERVICE_NAME, codegen, pb
+from serving import codegen
+from serving.api import SERVICE_NAME, pb
 
 # DESIGN.md's contract: message → {field: number}. Adding is allowed; renaming or renumbering is not.
 CONTRACT = {
