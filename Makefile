@@ -15,7 +15,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: audit soak beta-sweep bench bench-train help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
+.PHONY: promote audit soak beta-sweep bench bench-train help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,11 @@ export: install ## export the newest run's best.pt (or RUN=runs/<name>) as the n
 	$(PY) -m training.export --checkpoint $(EXPORT_CHECKPOINT) --repository $(REPOSITORY) --name $(NAME)
 
 SERVE_MODEL_DIR = $(or $(VAE_MODEL_DIR),$(REPOSITORY)/$(NAME))
+promote: install ## point LABEL (stable, canary, ...) at VERSION in $(REPOSITORY)/$(NAME); running servers follow within their poll interval
+	@test -n "$(LABEL)" -a -n "$(VERSION)" || { echo "error: give both: make promote VERSION=3 LABEL=stable" >&2; exit 1; }
+	$(PY) -m serving.dataplane.repository label $(SERVE_MODEL_DIR) $(LABEL) $(VERSION)
+
+
 serve: install ## serve the newest version of $(REPOSITORY)/$(NAME) over gRPC (VAE_* env vars apply; ARGS="--port 6000" adds flags)
 	@echo "serving $(SERVE_MODEL_DIR) on port $(or $(VAE_GRPC_PORT),50051), metrics on port $(or $(VAE_METRICS_PORT),9090)/metrics; Ctrl-C stops it"
 	@echo "try: $(PY) -m serving.client --target localhost:$(or $(VAE_GRPC_PORT),50051) sample -n 64 --seed 1 -o samples.png"

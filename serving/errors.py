@@ -15,6 +15,10 @@ class InvalidRequest(ServingError):
     """The request is malformed or out of range (INVALID_ARGUMENT)."""
 
 
+class NotFound(ServingError):
+    """The request names a model version or label that is not served (NOT_FOUND); the message lists what is."""
+
+
 class Overloaded(ServingError):
     """A queue or a concurrency limit is full; retry later or send smaller requests (RESOURCE_EXHAUSTED)."""
 

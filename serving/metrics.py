@@ -1,8 +1,10 @@
 """Prometheus metrics (DESIGN.md's names) on their own registry, served over HTTP on their own port.
 
-Labels take bounded values only: method (the service's RPCs), code (gRPC status names), graph (encoder, decoder),
-and the served model's name, version and provider. The process and platform collectors of the client
-library are registered too (CPU, memory, file descriptors, GC).
+Labels take bounded values only: method (the service's RPCs), code (gRPC status names), graph (encoder,
+decoder), and the model version that served (one per loaded version; "" for requests refused before a
+version took them). A version's series appear when it is loaded and are removed when it is unloaded, so
+swapping versions does not grow the registry. The process and platform collectors of the client library
+are registered too (CPU, memory, file descriptors, GC).
 """
 
 from __future__ import annotations
@@ -16,99 +18,89 @@ import prometheus_client as prom
 from prometheus_client.exposition import ThreadingWSGIServer
 
 GRAPHS = ("encoder", "decoder")
+LOAD_RESULTS = ("loaded", "failed")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
 class Metrics:
-    """The server's metrics; also the batchers' observer (`queue_depth`, `batch_ran`)."""
+    """The server's metrics; also the model manager's observer (`model_loaded`, `for_version`, ...)."""
 
     def __init__(self, methods: Sequence[str]) -> None:
         """`methods`: the RPCs whose series exist from the start (zeros, not gaps, before the first request)."""
+        self.methods = tuple(methods)
         self.registry = prom.CollectorRegistry()
         r = self.registry
         prom.ProcessCollector(registry=r)
         prom.PlatformCollector(registry=r)
         prom.GCCollector(registry=r)
+        by_method = ["method", "version"]
+        by_graph = ["graph", "version"]
         self.requests = prom.Counter(
-            "vae_requests", "RPCs finished, by method and gRPC status code", ["method", "code"], registry=r
+            "vae_requests", "RPCs finished, by method, gRPC status code and version", [*by_method, "code"], registry=r
         )
         self.request_duration = prom.Histogram(
-            "vae_request_duration_seconds",
-            "RPC latency on the server, by method",
-            ["method"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "vae_request_duration_seconds", "RPC latency on the server", by_method, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.request_items = prom.Histogram(
-            "vae_request_items",
-            "images or latents per successful request, by method",
-            ["method"],
-            buckets=_ROW_BUCKETS,
-            registry=r,
+            "vae_request_items", "images or latents per successful request", by_method, buckets=_ROW_BUCKETS, registry=r
         )
         self.batch_rows = prom.Histogram(
-            "vae_batch_rows", "rows per onnxruntime run, by graph", ["graph"], buckets=_ROW_BUCKETS, registry=r
+            "vae_batch_rows", "rows per onnxruntime run", by_graph, buckets=_ROW_BUCKETS, registry=r
         )
         self.queue_wait = prom.Histogram(
             "vae_queue_wait_seconds",
-            "time a request waited for its batch to start, by graph",
-            ["graph"],
+            "time a request waited for its batch to start",
+            by_graph,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inference = prom.Histogram(
             "vae_inference_seconds",
-            "onnxruntime run time per batch (the run alone, not the hand-off to its thread), by graph",
-            ["graph"],
+            "onnxruntime run time per batch (the run alone, not the hand-off to its thread)",
+            by_graph,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth_rows = prom.Gauge("vae_queue_depth", "rows waiting to run, by graph", ["graph"], registry=r)
+        self.queue_depth_rows = prom.Gauge("vae_queue_depth", "rows waiting to run", by_graph, registry=r)
         self.inflight = prom.Gauge("vae_inflight_requests", "RPCs being handled", registry=r)
         self.model_info = prom.Gauge(
-            "vae_model_info", "the served model (value 1)", ["name", "version", "provider"], registry=r
+            "vae_model_info",
+            "one series per loaded version (value 1), with the labels that name it (comma-separated)",
+            ["name", "version", "provider", "labels"],
+            registry=r,
         )
-        # Create every labelled series up front so dashboards see zeros, not gaps, before the first request.
-        for method in methods:
-            self.requests.labels(method, "OK")
-            self.request_duration.labels(method)
-            self.request_items.labels(method)
-        for graph in GRAPHS:
-            for family in (self.batch_rows, self.queue_wait, self.inference, self.queue_depth_rows):
-                family.labels(graph)
+        self.model_loads = prom.Counter(
+            "vae_model_loads", "versions loaded, or refused by verification or warm-up", ["result"], registry=r
+        )
+        self.default_version = prom.Gauge(
+            "vae_model_default_version", "the version requests naming none are served by", registry=r
+        )
+        for result in LOAD_RESULTS:
+            self.model_loads.labels(result)
         # The labelled children, looked up once: `labels()` costs microseconds, on every request and batch.
-        self._requests_by_code: dict[tuple[str, str], Any] = {}
-        self._durations = {method: self.request_duration.labels(method) for method in methods}
-        self._items = {method: self.request_items.labels(method) for method in methods}
-        self._depths = {graph: self.queue_depth_rows.labels(graph) for graph in GRAPHS}
-        self._batches = {
-            graph: (self.batch_rows.labels(graph), self.inference.labels(graph), self.queue_wait.labels(graph))
-            for graph in GRAPHS
-        }
+        self._requests: dict[tuple[str, str, str], Any] = {}  # (method, version, code)
+        self._durations: dict[tuple[str, str], Any] = {}
+        self._items: dict[tuple[str, str], Any] = {}
+        self._info: dict[str, tuple[str, str, str, str]] = {}  # version → model_info's label values
 
-    def set_model(self, name: str, version: int, provider: str) -> None:
-        self.model_info.labels(name, str(version), provider).set(1)
-
-    def request_finished(self, method: str, code: str, duration_seconds: float, items: int | None) -> None:
-        counter = self._requests_by_code.get((method, code))
+    def request_finished(
+        self, method: str, code: str, version: str, duration_seconds: float, items: int | None
+    ) -> None:
+        """One RPC done; `version` is the one that served it ("" when refused before a version took it)."""
+        counter = self._requests.get((method, version, code))
         if counter is None:
-            counter = self._requests_by_code[(method, code)] = self.requests.labels(method, code)
+            counter = self._requests[(method, version, code)] = self.requests.labels(method, version, code)
         counter.inc()
-        self._durations[method].observe(duration_seconds)
+        duration = self._durations.get((method, version))
+        if duration is None:
+            duration = self._durations[(method, version)] = self.request_duration.labels(method, version)
+        duration.observe(duration_seconds)
         if items is not None:
-            self._items[method].observe(items)
-
-    # BatchObserver
-    def queue_depth(self, graph: str, rows: int) -> None:
-        self._depths[graph].set(rows)
-
-    def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
-        batch_rows, inference, queue_wait = self._batches[graph]
-        batch_rows.observe(rows)
-        inference.observe(inference_seconds)
-        for seconds in queue_wait_seconds:
-            queue_wait.observe(seconds)
+            histogram = self._items.get((method, version))
+            if histogram is None:
+                histogram = self._items[(method, version)] = self.request_items.labels(method, version)
+            histogram.observe(items)
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, int]:
         """Start the /metrics HTTP server in a thread; returns it and the port it listens on.
@@ -119,6 +111,79 @@ class Metrics:
         server = make_server(host, port, metrics_only_app(self.registry), ThreadingWSGIServer, _QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server, server.server_address[1]
+
+    # ModelObserver
+    def model_loaded(self, name: str, version: int, provider: str) -> None:
+        """A version takes traffic: its info series, and zeros for its request series."""
+        v = str(version)
+        self._info[v] = (name, v, provider, "")
+        self.model_info.labels(*self._info[v]).set(1)
+        self.model_loads.labels("loaded").inc()
+        for method in self.methods:
+            self.request_finished_series(method, v)
+
+    def request_finished_series(self, method: str, version: str) -> None:
+        self._requests[(method, version, "OK")] = self.requests.labels(method, version, "OK")
+        self._durations[(method, version)] = self.request_duration.labels(method, version)
+        self._items[(method, version)] = self.request_items.labels(method, version)
+
+    def model_load_failed(self) -> None:
+        self.model_loads.labels("failed").inc()
+
+    def model_unloaded(self, version: int) -> None:
+        """Remove every series of `version`, so that the registry does not grow with each swap."""
+        v = str(version)
+        info = self._info.pop(v, None)
+        if info is not None:
+            self.model_info.remove(*info)
+        for request_key in [key for key in self._requests if key[1] == v]:
+            self.requests.remove(*request_key)
+            del self._requests[request_key]
+        for histogram, children in ((self.request_duration, self._durations), (self.request_items, self._items)):
+            for method_key in [key for key in children if key[1] == v]:
+                histogram.remove(*method_key)
+                del children[method_key]
+        for graph in GRAPHS:
+            for family in (self.batch_rows, self.queue_wait, self.inference, self.queue_depth_rows):
+                family.remove(graph, v)
+
+    def labels_changed(self, labels_by_version: dict[int, list[str]], default_version: int | None) -> None:
+        for v, (name, _, provider, old) in list(self._info.items()):
+            new = ",".join(labels_by_version.get(int(v), []))
+            if new != old:
+                self.model_info.remove(name, v, provider, old)
+                self._info[v] = (name, v, provider, new)
+                self.model_info.labels(name, v, provider, new).set(1)
+        self.default_version.set(default_version or 0)
+
+    def for_version(self, version: int) -> _VersionObserver:
+        """The batchers' observer for one version (its series created now: zeros, not gaps)."""
+        return _VersionObserver(self, str(version))
+
+
+class _VersionObserver:
+    """BatchObserver for the batchers of one version, with its labelled children looked up once."""
+
+    def __init__(self, metrics: Metrics, version: str) -> None:
+        self._depths = {graph: metrics.queue_depth_rows.labels(graph, version) for graph in GRAPHS}
+        self._batches = {
+            graph: (
+                metrics.batch_rows.labels(graph, version),
+                metrics.inference.labels(graph, version),
+                metrics.queue_wait.labels(graph, version),
+            )
+            for graph in GRAPHS
+        }
+
+    def queue_depth(self, graph: str, rows: int) -> None:
+        self._depths[graph].set(rows)
+
+    def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
+        batch_rows, inference, queue_wait = self._batches[graph]
+        batch_rows.observe(rows)
+        inference.observe(inference_seconds)
+        for seconds in queue_wait_seconds:
+            queue_wait.observe(seconds)
 
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

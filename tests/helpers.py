@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import json
+import os
+import shutil
+import tempfile
 import threading
 import time
 import urllib.request
@@ -24,6 +28,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server_process import ServerProcess, rss_bytes
+from serving.dataplane.repository import DECODER_FILE, MANIFEST_FILE
 from serving.server.app import RunningServer, start_server
 from serving.server.config import ServerConfig
 from serving.settings import build
@@ -109,10 +114,18 @@ class ServerThread:
         self._thread.join(timeout=10)
         self.loop.close()
 
+    def refresh(self) -> None:
+        """What SIGHUP does: look at the model directory now (and wait until the versions are in step)."""
+        asyncio.run_coroutine_threadsafe(self.running.models.refresh("signal"), self.loop).result(timeout=60)
+
     def metric(self, name: str, **labels: str) -> float:
-        """A sample's current value from the server's registry (0 when absent)."""
-        value = self.running.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        """The sum of the samples `name` whose labels include `labels` (e.g. over versions), 0 when none."""
+        return sum(
+            sample.value
+            for family in self.running.metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
 
 @contextmanager
@@ -213,3 +226,72 @@ def make_pki(directory: Path) -> Pki:
         other_ca=directory / "other-ca.crt",
         other_client=leaf(other, "intruder", "intruder.test"),
     )
+
+
+def publish_copy(model_dir: Path, version: int, source: int = 1, corrupt: bool = False) -> Path:
+    """Publish a copy of version `source` as `version` the way export does: written aside, renamed into place.
+
+    The graphs are the source's (same answers); only the manifest's version differs. `corrupt` flips a byte
+    of the decoder, so the copy fails its checksum.
+    """
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".publish-{version}-"))
+    for file in (model_dir / str(source)).iterdir():
+        shutil.copy2(file, staging / file.name)
+    manifest_path = staging / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = version
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    if corrupt:
+        graph = bytearray((staging / DECODER_FILE).read_bytes())
+        graph[-16] ^= 0xFF
+        (staging / DECODER_FILE).write_bytes(bytes(graph))
+    os.rename(staging, model_dir / str(version))
+    return model_dir / str(version)
+
+
+class Callers:
+    """Threads calling Sample in a loop on one server until stopped; every reply or failure is recorded.
+
+    `replies` holds (version that answered, latents, images); `by_caller` the versions each thread saw, in
+    order; `errors` the failures (none is the goal).
+    """
+
+    def __init__(self, target: str, threads: int, rows: int = 2) -> None:
+        self.replies: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.by_caller: list[list[int]] = [[] for _ in range(threads)]
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._call, args=(target, rows, seed), daemon=True) for seed in range(threads)
+        ]
+
+    def __enter__(self) -> Callers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _call(self, target: str, rows: int, seed: int) -> None:
+        from serving.client import VaeClient, VaeError
+
+        with VaeClient(target, timeout_s=30) as client:
+            while not self._stop.is_set():
+                try:
+                    images, latents = client.sample(rows, seed=seed)
+                except VaeError as exc:
+                    with self._lock:
+                        self.errors.append(str(exc))
+                    continue
+                version = client.last_model_version or 0
+                with self._lock:
+                    self.replies.append((version, latents, images))
+                    self.by_caller[seed].append(version)
+
+    def versions_seen(self) -> list[int]:
+        with self._lock:
+            return [version for version, _, _ in self.replies]

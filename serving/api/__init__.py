@@ -17,4 +17,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"]
 SERVICE_NAME: str = _SERVICE.full_name  # "vae.v1.VaeService"
 SERVICE_METHODS: tuple[str, ...] = tuple(method.name for method in _SERVICE.methods)  # "Encode", "Decode", ...
 
-__all__ = ["SERVICE_METHODS", "SERVICE_NAME", "pb", "pb_grpc"]
+# Trailing metadata of every VaeService call a version took: its number (replies also carry it as a field).
+VERSION_METADATA = "vae-model-version"
+
+__all__ = ["SERVICE_METHODS", "SERVICE_NAME", "VERSION_METADATA", "pb", "pb_grpc"]

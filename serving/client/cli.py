@@ -8,6 +8,7 @@ python -m serving.client --target localhost:50051 info
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ def _sample_command(client: VaeClient, args: argparse.Namespace) -> str:
     images, _ = client.sample(args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype="uint8")
     image_grid(images, args.columns).save(args.output)
     seed = "random" if args.seed is None else args.seed
-    return f"wrote {args.output}: {len(images)} samples (seed {seed})"
+    return f"wrote {args.output}: {len(images)} samples (seed {seed}) from version {client.last_model_version}"
 
 
 def _interpolate_command(client: VaeClient, args: argparse.Namespace) -> str:
@@ -29,7 +30,10 @@ def _interpolate_command(client: VaeClient, args: argparse.Namespace) -> str:
     start, end = (load_image(path, shape)[None] for path in (args.start, args.end))
     images, _ = client.interpolate(start, end, args.steps, args.method, output_dtype="uint8")
     image_grid(images.reshape(-1, *images.shape[2:]), columns=args.steps).save(args.output)
-    return f"wrote {args.output}: {args.steps} images from {args.start} to {args.end} ({args.method})"
+    return (
+        f"wrote {args.output}: {args.steps} images from {args.start} to {args.end} ({args.method}) "
+        f"from version {client.last_model_version}"
+    )
 
 
 def _info_command(client: VaeClient, args: argparse.Namespace) -> str:
@@ -41,6 +45,7 @@ def _info_command(client: VaeClient, args: argparse.Namespace) -> str:
         "image_shape": list(info.image_shape),
         "provider": info.provider,
         "health": client.health(),
+        "versions": [dataclasses.asdict(row) for row in info.versions],
         "manifest": info.manifest,
     }
     return json.dumps(summary, indent=2)
@@ -52,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=os.environ.get("VAE_TARGET", DEFAULT_TARGET), help="server address [env VAE_TARGET]"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    choose = parser.add_mutually_exclusive_group()
+    choose.add_argument("--model-version", type=int, metavar="N", help="ask for this version (default: the server's)")
+    choose.add_argument("--label", metavar="NAME", help="ask for the version this label names, e.g. stable")
     env = os.environ.get
     tls = parser.add_argument_group("TLS (plaintext unless one of these is given)")
     tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tls_files = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
-        with VaeClient(args.target, timeout_s=args.timeout, tls=args.tls, **tls_files) as client:
+        version = {"model_version": args.model_version, "label": args.label}
+        with VaeClient(args.target, timeout_s=args.timeout, tls=args.tls, **tls_files, **version) as client:
             print(args.run(client, args))
     except VaeError as exc:
         print(f"error: {args.target}: {exc}", file=sys.stderr)

@@ -3,6 +3,12 @@
     with VaeClient("localhost:50051") as vae:
         images, latents = vae.sample(16, seed=1)       # [16,1,28,28] float32, [16,D]
         mu, log_var = vae.encode(images)
+        print(vae.last_model_version)                  # the version that answered
+        canary = vae.using(label="canary")             # the same channel, requests naming a label
+        images, _ = canary.sample(16, seed=1)
+
+A client names a version (`model_version=3`) or a label (`label="stable"`) in every request, or neither
+(the server's default route); `last_model_version` is the version that answered this thread's last call.
 
 For a server with TLS, pass the CA that signed its certificate (`tls_ca`; without it the system's roots),
 and for mutual TLS a client certificate and key (`tls_cert`, `tls_key`); the CLI's `--tls-ca`, `--tls-cert`,
@@ -18,7 +24,9 @@ decode raises `VaeError` with INTERNAL, as gRPC's own clients report a malformed
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +64,18 @@ class ModelInfo:
     image_shape: tuple[int, ...]
     provider: str
     manifest: dict[str, Any]
+    versions: tuple[VersionStatus, ...] = ()  # every version the server knows of, newest first
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """A version on the server: AVAILABLE (takes requests), UNLOADING (finishing them) or FAILED (never served)."""
+
+    version: int
+    state: str
+    labels: tuple[str, ...]
+    is_default: bool
+    error: str = ""
 
 
 def _array(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -92,6 +112,14 @@ def channel_credentials(
     )
 
 
+def _version_spec(model_version: int | None, label: str | None) -> pb.ModelVersionSpec | None:
+    if model_version is not None and label is not None:
+        raise ValueError("name a model_version or a label, not both")
+    if model_version is not None:
+        return pb.ModelVersionSpec(number=model_version)
+    return None if label is None else pb.ModelVersionSpec(label=label)
+
+
 def _wire(array: np.ndarray) -> pb.Tensor:
     """uint8 stays uint8 (images); anything else is sent as float32."""
     array = np.asarray(array)
@@ -115,9 +143,13 @@ class VaeClient:
         tls_ca: Path | None = None,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        model_version: int | None = None,
+        label: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        self._spec = _version_spec(model_version, label)
+        self._last = threading.local()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -133,6 +165,22 @@ class VaeClient:
         self._stub = pb_grpc.VaeServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
+    def using(self, model_version: int | None = None, label: str | None = None) -> VaeClient:
+        """This client on the same channel, its requests naming `model_version` or `label` (neither: default)."""
+        view = copy.copy(self)
+        view._spec = _version_spec(model_version, label)
+        view._last = threading.local()
+        return view
+
+    @property
+    def last_model_version(self) -> int | None:
+        """The version that answered this thread's last successful call on this client (None before one)."""
+        return getattr(self._last, "version", None)
+
+    def _answered(self, reply: Any) -> Any:
+        self._last.version = reply.model_version if reply.model_version else None
+        return reply
+
     def __enter__(self) -> VaeClient:
         return self
 
@@ -143,10 +191,13 @@ class VaeClient:
         self.channel.close()
 
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
+        if self._spec is not None and "model_version" in request.DESCRIPTOR.fields_by_name:  # not health's
+            request.model_version.CopyFrom(self._spec)
         try:
-            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            reply = method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except grpc.RpcError as exc:
             raise VaeError(exc.code(), exc.details() or "") from None
+        return self._answered(reply) if hasattr(reply, "model_version") else reply
 
     def encode(self, images: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Images [N,1,28,28] (float32 in [0,1] or uint8) → (mu, log_var), each [N, D]."""
@@ -183,9 +234,12 @@ class VaeClient:
     ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
         """`sample` for large counts: (images, latents) chunks; closing the iterator early cancels the stream."""
         request = self._sample_request(count, seed, temperature, output_dtype)
+        if self._spec is not None:
+            request.model_version.CopyFrom(self._spec)
         stream = self._stub.SampleStream(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         try:
             for reply in stream:
+                self._answered(reply)
                 yield _array(reply.images, "images"), _array(reply.latents, "latents")
         except grpc.RpcError as exc:
             raise VaeError(exc.code(), exc.details() or "") from None
@@ -213,8 +267,13 @@ class VaeClient:
         return _array(reply.images, "images"), _array(reply.latents, "latents")
 
     def model_info(self, timeout_s: float | None = None) -> ModelInfo:
-        """The served model: name, version, latent_dim, image shape, provider and manifest."""
+        """The version this client's requests get (name, version, latent_dim, image shape, provider, manifest),
+        and every version the server knows of."""
         reply = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s)
+        versions = tuple(
+            VersionStatus(row.version, pb.VersionState.Name(row.state), tuple(row.labels), row.is_default, row.error)
+            for row in reply.versions
+        )
         return ModelInfo(
             reply.name,
             reply.version,
@@ -222,6 +281,7 @@ class VaeClient:
             tuple(reply.image_shape),
             reply.provider,
             json.loads(reply.manifest_json),
+            versions,
         )
 
     def health(self, service: str = "", timeout_s: float | None = None) -> str:

@@ -10,6 +10,8 @@ the manifest declares, and the declared ones are the contract above for the mani
 Sessions are built from the verified bytes (`GraphSpec.model_bytes`), never by re-reading the file.
 
     python -m serving.dataplane.repository check models/vae-mnist [--version N]
+    python -m serving.dataplane.repository label models/vae-mnist stable 3        # `make promote`
+    python -m serving.dataplane.repository label models/vae-mnist canary --remove
 
 No torch here: onnxruntime (already a serving dependency) reads the graphs' signatures, so serving needs
 no `onnx` package, and a graph that onnxruntime cannot load is refused at load time, not at the first call.
@@ -337,10 +339,22 @@ def main(argv: list[str] | None = None) -> int:
     check_parser = commands.add_parser("check", help="verify every version (or one) of a model directory")
     check_parser.add_argument("model_dir", type=Path, help="e.g. models/vae-mnist")
     check_parser.add_argument("--version", type=int, default=None, help="check only this version")
+    label_parser = commands.add_parser("label", help="point a label (stable, canary, ...) at a version, atomically")
+    label_parser.add_argument("model_dir", type=Path, help="e.g. models/vae-mnist")
+    label_parser.add_argument("label", help="lower-case letters, digits, - and _, starting with a letter")
+    label_parser.add_argument("version", type=int, nargs="?", help="a version that verifies")
+    label_parser.add_argument("--remove", action="store_true", help="remove the label instead")
     args = parser.parse_args(argv)
+    if args.command == "label" and (args.version is None) != args.remove:
+        parser.error("label: give a VERSION, or --remove")
     try:
+        if args.command == "label":
+            from serving.dataplane.versions import set_label
+
+            print(set_label(args.model_dir, args.label, None if args.remove else args.version))
+            return 0
         ok = check(args.model_dir, args.version)
-    except ModelRepositoryError as exc:
+    except (ModelRepositoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0 if ok else 1

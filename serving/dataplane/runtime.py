@@ -8,9 +8,12 @@ directory while serving cannot change what runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import gc
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -118,7 +121,7 @@ def load_sessions(version: ModelVersion, options: RuntimeOptions) -> GraphSessio
         # Without a driver CUDA cannot work; loading its libraries to find that out costs ~190 MB of RSS.
         providers = [CPU]
         reason = "onnxruntime offers CUDA but no NVIDIA driver is present (/proc/driver/nvidia, /dev/nvidiactl)"
-        log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
+        _report_fallback(reason)
     if CUDA in providers:
         _preload_cuda_libraries()
 
@@ -138,8 +141,36 @@ def load_sessions(version: ModelVersion, options: RuntimeOptions) -> GraphSessio
         if options.provider == "cuda":
             raise ProviderUnavailable("provider cuda requested but no usable CUDA device or libraries were found")
         reason = "onnxruntime offers CUDA but could not create it here (no GPU, or CUDA/cuDNN libraries missing)"
-        log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
+        _report_fallback(reason)
     return GraphSessions(version, encoder, decoder)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory of freed sessions back to the operating system (after a version is unloaded).
+
+    onnxruntime frees a session's buffers with free(), and glibc keeps freed chunks in its arenas: without
+    this, the server's RSS grew by about a quarter over 50 version swaps and stayed flat with it
+    (tests/system/test_version_swaps.py). The collection first makes sure no cycle still holds a session.
+    Where the C library has no malloc_trim (not glibc), only the collection runs.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+@functools.cache
+def _report_fallback(reason: str) -> None:
+    """Log the CPU fallback of `auto` once per process and reason, not at every version loaded."""
+    log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
 
 
 def _nvidia_driver_present() -> bool:

@@ -1,4 +1,4 @@
-"""Request fields → data-plane values: the proto enums, and the call's deadline on the event loop's clock.
+"""Request fields → data-plane values: the proto enums, the version asked for, and the deadline on the loop's clock.
 
 (Tensors ↔ numpy is `serving.api.tensors`, shared with the client.)
 """
@@ -38,6 +38,20 @@ def method_from_proto(value: int) -> Method:
     if value not in _METHODS:
         raise InvalidRequest(f"method {value} is not a known InterpolationMethod: use LINEAR (default) or SLERP")
     return _METHODS[value]
+
+
+def version_choice(spec: pb.ModelVersionSpec) -> tuple[int | None, str | None]:
+    """(number, label) of a request's model_version; (None, None): the default route."""
+    choice = spec.WhichOneof("choice")
+    if choice == "number":
+        if spec.number < 1:
+            raise InvalidRequest("model_version.number must be >= 1 (or unset, for the default route)")
+        return spec.number, None
+    if choice == "label":
+        if not spec.label:
+            raise InvalidRequest("model_version.label is empty: name a label, or leave model_version unset")
+        return None, spec.label
+    return None, None
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

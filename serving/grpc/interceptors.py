@@ -7,7 +7,8 @@ internals. For VaeService's methods the interceptor also
   accepted have finished (`drain`);
 - turns whatever the handler raised into a status code and message (`serving.grpc.status`), so no
   stack trace leaves the server (unexpected errors are logged);
-- records the request metrics and, when asked, one JSON log line per request.
+- records the request metrics and, when asked, one JSON log line per request, with the version that took
+  the call (which the servicer leaves in the trailing metadata).
 
 Handlers are wrapped once per method, on the first call, and reused.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from serving.api import VERSION_METADATA
 from serving.errors import InvalidRequest, NotReady
 from serving.grpc.status import cancelled_status, is_unexpected, status_for
 from serving.metrics import Metrics
@@ -191,10 +193,22 @@ class _Call:
         if self.accepted:
             interceptor._call_finished()
         duration = time.perf_counter() - self.started
-        interceptor.metrics.request_finished(self.method, code, duration, items)
+        version = _served_version(self.context)
+        interceptor.metrics.request_finished(self.method, code, version, duration, items)
         if interceptor.log_requests:
-            fields = {"method": self.method, "code": code, "duration_ms": round(duration * 1000, 3), "items": items}
+            fields = {
+                "method": self.method, "code": code, "version": int(version) if version else None,
+                "duration_ms": round(duration * 1000, 3), "items": items,
+            }  # fmt: skip
             log.info("request", extra={"fields": fields})
+
+
+def _served_version(context: grpc.aio.ServicerContext) -> str:
+    """The version that took the call (the servicer's trailing metadata), or "" when none did."""
+    for key, value in context.trailing_metadata() or ():
+        if key == VERSION_METADATA:
+            return str(value)
+    return ""
 
 
 def _guarded(handler: grpc.RpcMethodHandler, malformed: str) -> grpc.RpcMethodHandler:

@@ -1,21 +1,25 @@
-"""The VaeService servicer: each RPC is protobuf → one `VaeEngine` call → protobuf, and nothing else.
+"""The VaeService servicer: each RPC leases a served version, makes one call to its engine, and translates.
 
 Admission, draining, errors → status codes, metrics and the request log are the interceptor's
-(`serving.grpc.interceptors`); `REPLY_ITEMS` tells it how many images or latents a reply carries.
+(`serving.grpc.interceptors`); `REPLY_ITEMS` tells it how many images or latents a reply carries. Every
+reply says which version answered (`model_version`); the same number goes out as trailing metadata
+(`vae-model-version`, also on errors), which is where the interceptor reads it for the metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 
-from serving.api import pb, pb_grpc
+from serving.api import VERSION_METADATA, pb, pb_grpc
 from serving.api.tensors import fill_tensor, tensor_from_proto
 from serving.dataplane.engine import OutputDType, VaeEngine
-from serving.grpc.converters import deadline_of, method_from_proto, output_dtype_from_proto
+from serving.dataplane.manager import ModelManager
+from serving.grpc.converters import deadline_of, method_from_proto, output_dtype_from_proto, version_choice
 
 # Images or latents in a successful reply (SampleStream: in each chunk), by method: vae_request_items.
 REPLY_ITEMS: dict[str, Callable[[Any], int]] = {
@@ -26,64 +30,94 @@ REPLY_ITEMS: dict[str, Callable[[Any], int]] = {
     "Interpolate": lambda reply: reply.latents.shape[0] * reply.latents.shape[1],
 }
 
+_STATES = {"AVAILABLE": pb.AVAILABLE, "UNLOADING": pb.UNLOADING, "FAILED": pb.FAILED}
+
+
+class _VersionedRequest(Protocol):
+    model_version: pb.ModelVersionSpec
+
 
 class VaeServicer(pb_grpc.VaeServiceServicer):
-    def __init__(self, engine: VaeEngine) -> None:
-        self.engine = engine
+    def __init__(self, models: ModelManager) -> None:
+        self.models = models
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, request: _VersionedRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[VaeEngine]:
+        """The engine of the version the request names (or the default route's), for the whole call."""
+        async with self.models.lease(*version_choice(request.model_version)) as engine:
+            context.set_trailing_metadata(((VERSION_METADATA, str(engine.version.version)),))
+            yield engine
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        mu, log_var = await self.engine.encode(tensor_from_proto(request.images, "images"), deadline_of(context))
-        response = pb.EncodeResponse()
+        async with self._lease(request, context) as engine:
+            mu, log_var = await engine.encode(tensor_from_proto(request.images, "images"), deadline_of(context))
+        response = pb.EncodeResponse(model_version=engine.version.version)
         fill_tensor(response.mu, mu)
         fill_tensor(response.log_var, log_var)
         return response
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
-        images = await self.engine.decode(
-            tensor_from_proto(request.latents, "latents"),
-            output_dtype_from_proto(request.output_dtype),
-            deadline_of(context),
-        )
-        response = pb.DecodeResponse()
+        async with self._lease(request, context) as engine:
+            images = await engine.decode(
+                tensor_from_proto(request.latents, "latents"),
+                output_dtype_from_proto(request.output_dtype),
+                deadline_of(context),
+            )
+        response = pb.DecodeResponse(model_version=engine.version.version)
         fill_tensor(response.images, images)
         return response
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
-        images, latents = await self.engine.sample(*_sample_arguments(request), deadline=deadline_of(context))
-        return _sample_response(images, latents)
+        async with self._lease(request, context) as engine:
+            images, latents = await engine.sample(*_sample_arguments(request), deadline=deadline_of(context))
+        return _sample_response(images, latents, engine)
 
     async def SampleStream(
         self, request: pb.SampleRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SampleResponse]:
-        chunks = self.engine.sample_stream(*_sample_arguments(request), deadline=deadline_of(context))
-        async for images, latents in chunks:
-            yield _sample_response(images, latents)
+        async with self._lease(request, context) as engine:
+            chunks = engine.sample_stream(*_sample_arguments(request), deadline=deadline_of(context))
+            async for images, latents in chunks:
+                yield _sample_response(images, latents, engine)
 
     async def Interpolate(
         self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext
     ) -> pb.InterpolateResponse:
-        images, latents = await self.engine.interpolate(
-            tensor_from_proto(request.start, "start"),
-            tensor_from_proto(request.end, "end"),
-            request.steps,
-            method_from_proto(request.method),
-            output_dtype_from_proto(request.output_dtype),
-            deadline_of(context),
-        )
-        response = pb.InterpolateResponse()
+        async with self._lease(request, context) as engine:
+            images, latents = await engine.interpolate(
+                tensor_from_proto(request.start, "start"),
+                tensor_from_proto(request.end, "end"),
+                request.steps,
+                method_from_proto(request.method),
+                output_dtype_from_proto(request.output_dtype),
+                deadline_of(context),
+            )
+        response = pb.InterpolateResponse(model_version=engine.version.version)
         fill_tensor(response.images, images)
         fill_tensor(response.latents, latents)
         return response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        version = self.engine.version
+        async with self._lease(request, context) as engine:
+            version = engine.version
+        versions = [
+            pb.VersionStatus(
+                version=row.version,
+                state=_STATES[row.state],
+                labels=row.labels,
+                is_default=row.is_default,
+                error=row.error,
+            )
+            for row in self.models.status()
+        ]
         return pb.ModelInfo(
             name=version.name,
             version=version.version,
             latent_dim=version.latent_dim,
             image_shape=version.image_shape,
-            provider=self.engine.provider,
+            provider=engine.provider,
             manifest_json=version.manifest_json,
+            versions=versions,
         )
 
 
@@ -97,8 +131,8 @@ def _sample_arguments(request: pb.SampleRequest) -> tuple[int, int | None, float
     )
 
 
-def _sample_response(images: np.ndarray, latents: np.ndarray) -> pb.SampleResponse:
-    response = pb.SampleResponse()
+def _sample_response(images: np.ndarray, latents: np.ndarray, engine: VaeEngine) -> pb.SampleResponse:
+    response = pb.SampleResponse(model_version=engine.version.version)
     fill_tensor(response.images, images)
     fill_tensor(response.latents, latents)
     return response

@@ -9,11 +9,12 @@ from __future__ import annotations
 import grpc
 
 from serving.api.tensors import WireFormatError
-from serving.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded
+from serving.errors import DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
 
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     WireFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

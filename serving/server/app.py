@@ -1,21 +1,22 @@
-"""The gRPC server process: model load and warm-up, VaeService, health, reflection, /metrics, signals.
+"""The gRPC server process: the model versions, VaeService, health, reflection, /metrics, signals.
 
     python -m serving.server --model-dir models/vae-mnist --port 50051 --metrics-port 9090
 
 Every flag has an environment twin (`--help` lists them). Health reports SERVING for "" and
-"vae.v1.VaeService" only once the graphs are loaded and warmed up. On SIGTERM or SIGINT the server drains:
-health goes NOT_SERVING, new requests get UNAVAILABLE, requests in flight have `--grace-seconds` to finish,
-then the process exits 0. Log lines are JSON, one per event, on stderr.
+"vae.v1.VaeService" once a version is loaded and warmed up, and stays SERVING while versions come and go
+(`serving.dataplane.manager`: polled every `--poll-seconds`, and at once on SIGHUP). On SIGTERM or SIGINT
+the server drains: health goes NOT_SERVING, new requests get UNAVAILABLE, requests in flight have
+`--grace-seconds` to finish, then the process exits 0. Log lines are JSON, one per event, on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +29,9 @@ from grpc_reflection.v1alpha import reflection
 
 from serving import settings
 from serving.api import SERVICE_METHODS, SERVICE_NAME, pb_grpc
-from serving.dataplane.engine import VaeEngine
-from serving.dataplane.repository import ModelRepositoryError, load_version
-from serving.dataplane.runtime import ProviderUnavailable, load_sessions
+from serving.dataplane.manager import ModelManager, largest_reply_bytes
+from serving.dataplane.repository import ModelRepositoryError, ModelVersion
+from serving.dataplane.runtime import ProviderUnavailable
 from serving.errors import StartupError
 from serving.grpc.interceptors import RequestInterceptor
 from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
@@ -53,7 +54,7 @@ class RunningServer:
     config: ServerConfig
     grpc_port: int
     metrics_port: int
-    engine: VaeEngine
+    models: ModelManager
     interceptor: RequestInterceptor
     metrics: Metrics
     health: health_aio.HealthServicer
@@ -73,7 +74,7 @@ class RunningServer:
         if await self.interceptor.drain(grace):
             await asyncio.sleep(min(DRAIN_LINGER_SECONDS, grace))
         await self.server.stop(max(0.0, grace - (time.perf_counter() - started)))
-        await self.engine.close()
+        await self.models.close()
         self.executor.shutdown(wait=True)
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
@@ -96,48 +97,24 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return options
 
 
-def load_engine(config: ServerConfig, executor: ThreadPoolExecutor, metrics: Metrics) -> VaeEngine:
-    """Read, verify and warm up the configured model version, behind its batchers.
-
-    Raises ModelRepositoryError or ProviderUnavailable, each with a one-line message.
-    """
-    started = time.perf_counter()
-    version = load_version(config.model.model_dir, config.model.model_version)
-    sessions = load_sessions(version, config.runtime)
-    sessions.warm_up(sorted({1, config.batching.max_batch_size}))
-    check_reply_fits(config, version.latent_dim, version.image_shape)
-    log.info(
-        "model_loaded",
-        extra={
-            "fields": {
-                "name": version.name,
-                "version": version.version,
-                "path": str(version.path),
-                "latent_dim": version.latent_dim,
-                "provider": sessions.provider,
-                "encoder_sha256": version.encoder.sha256,
-                "decoder_sha256": version.decoder.sha256,
-                "load_seconds": round(time.perf_counter() - started, 3),
-            }
-        },
-    )
-    metrics.set_model(version.name, version.version, sessions.provider)
-    return VaeEngine(sessions, config.batching, config.limits, executor, metrics)
-
-
-def check_reply_fits(config: ServerConfig, latent_dim: int, image_shape: tuple[int, ...]) -> None:
-    """The largest reply `max_items_per_request` allows must fit in `max_message_bytes`: fail start-up if not."""
+def reply_fits(config: ServerConfig) -> Callable[[ModelVersion], None]:
+    """A check every version must pass to be served: the largest reply `max_items_per_request` allows fits in
+    `max_message_bytes` (at start-up a failure stops the server; later it keeps the version from serving)."""
     items, limit = config.limits.max_items_per_request, config.network.max_message_bytes
-    largest_reply = items * 4 * (math.prod(image_shape) + latent_dim) + 1024
-    if largest_reply > limit:
-        raise StartupError(
-            f"--max-message-bytes ({limit}) is smaller than the largest reply "
-            f"--max-items-per-request ({items}) allows ({largest_reply} bytes)"
-        )
+
+    def check(version: ModelVersion) -> None:
+        largest = largest_reply_bytes(version.latent_dim, version.image_shape, items)
+        if largest > limit:
+            raise ModelRepositoryError(
+                f"{version.path}: --max-message-bytes ({limit}) is smaller than the largest reply "
+                f"--max-items-per-request ({items}) allows for latent_dim {version.latent_dim} ({largest} bytes)"
+            )
+
+    return check
 
 
 async def build_grpc_server(
-    config: ServerConfig, engine: VaeEngine, metrics: Metrics
+    config: ServerConfig, models: ModelManager, metrics: Metrics
 ) -> tuple[grpc.aio.Server, RequestInterceptor, health_aio.HealthServicer]:
     """VaeService behind the request interceptor, health (NOT_SERVING until started) and reflection."""
     interceptor = RequestInterceptor(SERVICE_NAME, metrics, REPLY_ITEMS, config.process.log_requests)
@@ -146,7 +123,7 @@ async def build_grpc_server(
         options=grpc_options(config),
         maximum_concurrent_rpcs=config.network.max_concurrent_rpcs,
     )
-    pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(engine), server)
+    pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(models), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for service in HEALTH_SERVICES:
@@ -189,11 +166,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
     credentials = server_credentials(config.tls)  # a bad TLS file fails before the model is loaded
     metrics = Metrics(SERVICE_METHODS)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
-    engine = load_engine(config, executor, metrics)
-    server, interceptor, health = await build_grpc_server(config, engine, metrics)
+    models = ModelManager(
+        config.model, config.runtime, config.batching, config.limits, executor, metrics, reply_fits(config)
+    )
+    await models.start()
+    server, interceptor, health = await build_grpc_server(config, models, metrics)
     grpc_port = listen(server, config, credentials)
     metrics_http, metrics_port = serve_metrics(metrics, config)
-    engine.start()
     await server.start()
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -204,24 +183,32 @@ async def start_server(config: ServerConfig) -> RunningServer:
                 "grpc_address": f"{config.network.host}:{grpc_port}",
                 "metrics_address": f"{config.network.host}:{metrics_port}",
                 "transport": config.tls.transport,
-                "provider": engine.provider,
+                "versions": [row.version for row in models.status() if row.state == "AVAILABLE"],
                 "startup_seconds": round(time.perf_counter() - started, 3),
                 "config": settings.to_json(config),
             }
         },
     )
     return RunningServer(
-        config, grpc_port, metrics_port, engine, interceptor, metrics, health, server, metrics_http, executor
+        config, grpc_port, metrics_port, models, interceptor, metrics, health, server, metrics_http, executor
     )
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop."""
+    """Run until SIGTERM or SIGINT, then drain and stop; SIGHUP looks at the model directory at once."""
     running = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    refreshes: set[asyncio.Task[None]] = set()
+
+    def refresh() -> None:
+        task = loop.create_task(running.models.refresh("signal"))
+        refreshes.add(task)
+        task.add_done_callback(refreshes.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, refresh)
     await stop.wait()
     await running.stop()
 

@@ -3,8 +3,9 @@
     python -m serving.server --help        every setting: flag, VAE_* variable, default
     make docs                              regenerates docs/configuration.md from these definitions
 
-Each setting is defined once, in the dataclass of the component that uses it (`BatchPolicy` in the
-batcher, `RuntimeOptions` in the runtime, `RequestLimits` in the engine, the process's own below), and
+Each setting is defined once, in the dataclass of the component that uses it (`ModelSource` in the model
+manager, `BatchPolicy` in the batcher, `RuntimeOptions` in the runtime, `RequestLimits` in the engine, the
+process's own below), and
 the server hands each component its section as it is. A flag wins over its variable, the variable over
 the default; a bad value stops the server with one line naming the flag or variable.
 """
@@ -20,23 +21,11 @@ from typing import Literal
 from serving import settings
 from serving.dataplane.batcher import BatchPolicy
 from serving.dataplane.engine import RequestLimits
+from serving.dataplane.manager import ModelSource
 from serving.dataplane.runtime import RuntimeOptions
 from serving.settings import SettingError, check_settings, section, setting
 
 ENV_PREFIX = "VAE_"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Which model version the server loads."""
-
-    model_dir: Path = setting(Path("models/vae-mnist"), "model directory holding integer versions", metavar="DIR")
-    model_version: int | None = setting(
-        None, "version to serve (default: the newest)", minimum=1, metavar="N", shown_default="newest"
-    )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 @dataclass(frozen=True)

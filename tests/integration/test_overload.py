@@ -152,7 +152,7 @@ time.sleep(60)
 
 
 def _stream_state(server: ServerThread) -> tuple[float, int]:
-    return server.metric("vae_inflight_requests"), server.running.engine.sample_streams
+    return server.metric("vae_inflight_requests"), server.running.models.engine().sample_streams
 
 
 def test_a_client_killed_mid_stream_leaks_nothing_and_stops_the_work(exported_repository: Path) -> None:
@@ -172,12 +172,12 @@ def test_a_client_killed_mid_stream_leaks_nothing_and_stops_the_work(exported_re
         time.sleep(0.5)
         # The one batch the engine was already running when the socket closed may still finish...
         settled = server.metric("vae_batch_rows_sum", graph="decoder")
-        assert settled - rows <= server.running.engine.policy.max_batch_size
+        assert settled - rows <= server.running.models.engine().policy.max_batch_size
         time.sleep(0.5)
         assert server.metric("vae_batch_rows_sum", graph="decoder") == settled  # ...but nothing more is started
         assert settled < 100_000  # of the 1,000,000 asked for
         assert server.metric("vae_requests_total", method="SampleStream", code="CANCELLED") == 1
-        assert server.running.engine.decoder.queued_rows == 0
+        assert server.running.models.engine().decoder.queued_rows == 0
 
 
 def test_a_client_that_stops_reading_holds_the_stream_back(exported_repository: Path) -> None:

@@ -137,7 +137,7 @@ def test_sample_streams_beyond_the_cap_get_resource_exhausted(exported_repositor
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "runs at most 1 at once" in refused.value.details
         first.close()
-        wait_until(lambda: server.running.engine.sample_streams == 0, what="the first stream to end")
+        wait_until(lambda: server.running.models.engine().sample_streams == 0, what="the first stream to end")
         assert sum(len(chunk) for chunk, _ in client.sample_stream(100, seed=2)) == 100  # the slot is free again
 
 

@@ -53,7 +53,18 @@ def test_each_component_gets_its_own_section_as_defined() -> None:
             {},
             "--max-queue-rows (VAE_MAX_QUEUE_ROWS) (100) must be >= --max-items-per-request",
         ),
-        ([], {"VAE_MODEL_VERSION": "0"}, "--model-version (VAE_MODEL_VERSION) must be >= 1, got 0"),
+        (
+            [],
+            {"VAE_VERSION_POLICY": "newest"},
+            "--version-policy (VAE_VERSION_POLICY): 'newest' is not a version policy",
+        ),
+        (["--version-policy", "latest:0"], {}, "--version-policy (VAE_VERSION_POLICY): 'latest:0' is not a version"),
+        (
+            ["--default-version", "Stable!"],
+            {},
+            "--default-version (VAE_DEFAULT_VERSION): label 'Stable!' is not allowed",
+        ),
+        ([], {"VAE_POLL_SECONDS": "-1"}, "--poll-seconds (VAE_POLL_SECONDS) must be >= 0, got -1.0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_flag_or_variable(
@@ -65,15 +76,15 @@ def test_bad_values_are_refused_naming_the_flag_or_variable(
 
 
 def test_an_empty_variable_leaves_an_optional_setting_unset() -> None:
-    assert load_config([], {"VAE_MODEL_VERSION": "", "VAE_TLS_CERT": ""}) == ServerConfig()
-    assert load_config([], {"VAE_MODEL_VERSION": "3"}).model.model_version == 3
+    assert load_config([], {"VAE_TLS_CERT": "", "VAE_TLS_KEY": ""}) == ServerConfig()
+    assert load_config([], {"VAE_TLS_CERT": "a.crt", "VAE_TLS_KEY": "a.key"}).tls.transport == "tls"
 
 
 def test_help_documents_every_flag_with_its_variable_and_default() -> None:
     text = " ".join(build_parser().format_help().split())
     for spec in settings.specs(ServerConfig):
         assert f"{spec.flag} " in text and spec.env(ENV_PREFIX) in text
-    assert "--model-dir DIR" in text and "default models/vae-mnist" in text and "default 50051" in text
+    assert "--model-dir DIR" in text and "[env VAE_MODEL_DIR, default models/vae-" in text and "default 50051" in text
 
 
 def test_server_exits_2_with_one_line_for_a_bad_variable() -> None:

@@ -1,0 +1,369 @@
+"""The versions a server serves, kept in step with its model directory: verify, load, warm up, swap, drain.
+
+`ModelManager.refresh` (at start, every `--poll-seconds`, and on SIGHUP) lists the version directories and
+reads labels.json. A version the policy or a label wants is verified, loaded and warmed up in a loader
+thread while the event loop keeps serving, and takes traffic only then. A version no longer wanted is
+retired: it takes no new requests, the requests that leased it finish on it, then its batchers stop and its
+sessions are freed. A version that fails verification or warm-up is logged (one JSON line naming the file
+and the reason), counted, and never served; it is tried again only when its files change. The server never
+retires its last version: with nothing new to serve, it keeps what it has.
+
+Requests `lease` a version for their whole duration (a stream for all its chunks), by number, by label, or
+by the default route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from serving.dataplane.batcher import BatchObserver, BatchPolicy
+from serving.dataplane.engine import RequestLimits, VaeEngine
+from serving.dataplane.repository import ModelRepositoryError, ModelVersion, list_versions, read_version_dir
+from serving.dataplane.runtime import (
+    GraphSessions,
+    ProviderUnavailable,
+    RuntimeOptions,
+    load_sessions,
+    release_freed_memory,
+)
+from serving.dataplane.versions import LATEST, VersionPolicy, check_label, read_labels, resolve_default
+from serving.errors import NotFound
+from serving.settings import SettingError, check_settings, setting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which versions of which model directory the server serves, and how it follows the directory."""
+
+    model_dir: Path = setting(
+        Path("models/vae-mnist"), "model directory holding integer versions and labels.json", metavar="DIR"
+    )
+    version_policy: str = setting(
+        "latest",
+        "versions to serve: latest, latest:N, specific:V1,V2 or all; versions a label names are served too",
+        metavar="POLICY",
+    )
+    default_version: str = setting(
+        LATEST,
+        "what a request naming no version gets: latest (the newest served), a label (e.g. stable) or a number",
+        metavar="ROUTE",
+    )
+    poll_seconds: float = setting(
+        5.0, "look for new, removed and relabelled versions this often (0: never; SIGHUP looks at once)", minimum=0
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        try:
+            VersionPolicy.parse(self.version_policy)
+        except ValueError as exc:
+            raise SettingError("{version_policy}: {problem}", problem=exc) from None
+        if self.default_version != LATEST and not self.default_version.isdecimal():
+            try:
+                check_label(self.default_version)
+            except ValueError as exc:
+                raise SettingError("{default_version}: {problem}, a number, or latest", problem=exc) from None
+
+
+class ModelObserver(Protocol):
+    """What the manager reports (the metrics module implements it)."""
+
+    def model_loaded(self, name: str, version: int, provider: str) -> None: ...
+
+    def model_load_failed(self) -> None: ...
+
+    def model_unloaded(self, version: int) -> None: ...
+
+    def labels_changed(self, labels_by_version: dict[int, list[str]], default_version: int | None) -> None: ...
+
+    def for_version(self, version: int) -> BatchObserver: ...
+
+
+@dataclass(eq=False)
+class _Served:
+    engine: VaeEngine
+    leases: int = 0  # requests using it now
+    retired: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version as GetModelInfo reports it."""
+
+    version: int
+    state: str  # AVAILABLE (takes traffic), UNLOADING (finishing its requests), FAILED (never served)
+    labels: tuple[str, ...]
+    is_default: bool
+    engine: VaeEngine | None  # None when FAILED
+    error: str = ""
+
+
+class ModelManager:
+    """The served versions of one model directory, and the routes to them."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        runtime: RuntimeOptions,
+        batching: BatchPolicy,
+        limits: RequestLimits,
+        executor: Executor,
+        observer: ModelObserver,
+        check_version: Callable[[ModelVersion], None] = lambda version: None,
+    ) -> None:
+        self.source = source
+        self.policy = VersionPolicy.parse(source.version_policy)
+        self.runtime, self.batching, self.limits = runtime, batching, limits
+        self.executor = executor
+        self.observer = observer
+        self.check_version = check_version  # start-up checks a version must pass besides its own verification
+        self.name = Path(source.model_dir).name
+        self._served: dict[int, _Served] = {}
+        self._retiring: set[_Served] = set()
+        self._labels: dict[str, int] = {}
+        self._default: int | None = None
+        self._failed: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}  # version → (files, reason)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self._loader_closed = False
+        self._refreshing = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load what the directory and policy say; ModelRepositoryError when nothing could be served."""
+        await self.refresh("start")
+        if not self._served:
+            reasons = [reason for _, reason in self._failed.values()]
+            raise ModelRepositoryError(reasons[0] if reasons else f"{self.source.model_dir}: no versions to serve")
+        if self.source.poll_seconds > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="model-poller")
+
+    async def close(self) -> None:
+        """Stop polling and every version (the server has drained its requests before this)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        for served in [*self._served.values(), *self._retiring]:
+            await self._close(served)
+        self._served.clear()
+        self._loader_closed = True
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.source.poll_seconds)
+            try:
+                await self.refresh("poll")
+            except Exception:  # a bug here must not stop polling; the versions served stay as they are
+                log.exception("model_refresh_failed")
+
+    async def refresh(self, reason: str) -> None:
+        """Bring the served versions in line with the directory, the labels and the policy."""
+        async with self._refreshing:
+            present = self._present_versions(raise_errors=reason == "start")
+            if present is None:
+                return
+            labels = self._read_labels(raise_errors=reason == "start")
+            self._failed = {version: failure for version, failure in self._failed.items() if version in present}
+            wanted = await self._load_wanted(present, labels)
+            keep = wanted & self._served.keys()
+            for version in set(self._served) - (keep or set(self._served)):  # never retire the last ones
+                self._retire(version)
+            self._set_routes(labels)
+
+    async def _load_wanted(self, present: list[int], labels: dict[str, int]) -> set[int]:
+        """Load what the policy and the labels want, among the versions not known to fail; returns the wanted.
+
+        The policy chooses among loadable versions: when `latest`'s newest fails, the next newest is wanted.
+        """
+        while True:
+            loadable = [version for version in present if not self._failed_unchanged(version)]
+            wanted = set(self.policy.select(loadable)) | {v for v in labels.values() if v in loadable}
+            missing = sorted(wanted - self._served.keys(), reverse=True)  # the newest first
+            if not missing:
+                return wanted
+            for version in missing:
+                await self._load(version)
+
+    # -- routing ------------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(self, version: int | None = None, label: str | None = None) -> AsyncIterator[VaeEngine]:
+        """The engine of the version asked for (by number, label, or the default route), held until exit."""
+        served = self._resolve(version, label)
+        served.leases += 1
+        try:
+            yield served.engine
+        finally:
+            served.leases -= 1
+            if served.retired and served.leases == 0:
+                asyncio.get_running_loop().create_task(self._close(served))
+
+    def engine(self, version: int | None = None) -> VaeEngine:
+        """The engine serving `version` (None: the default route's) now, for a look at its state."""
+        return self._resolve(version, None).engine
+
+    def status(self) -> list[VersionStatus]:
+        """Every version served, unloading or failed, newest first."""
+        labels_of = self._labels_by_version()
+        rows = [
+            VersionStatus(v, "AVAILABLE", tuple(labels_of.get(v, ())), v == self._default, s.engine)
+            for v, s in self._served.items()
+        ]
+        rows += [
+            VersionStatus(s.engine.version.version, "UNLOADING", (), False, s.engine)
+            for s in self._retiring
+            if not s.closed.is_set()
+        ]
+        rows += [VersionStatus(v, "FAILED", (), False, None, reason) for v, (_, reason) in self._failed.items()]
+        return sorted(rows, key=lambda row: (-row.version, row.state))
+
+    def _resolve(self, version: int | None, label: str | None) -> _Served:
+        if label:
+            number = self._labels.get(label)
+            if number is None or number not in self._served:
+                where = "names no version" if number is None else f"names version {number}, which is not served"
+                raise NotFound(f"label {label!r} {where}; {self._describe_served()}")
+            return self._served[number]
+        if version:
+            if version not in self._served:
+                raise NotFound(f"model version {version} is not served; {self._describe_served()}")
+            return self._served[version]
+        if self._default is None:
+            raise NotFound(f"no version is served; {self._describe_served()}")
+        return self._served[self._default]
+
+    def _describe_served(self) -> str:
+        labels_of = self._labels_by_version()
+        served = [f"{v}" + (f" ({', '.join(labels_of[v])})" if labels_of.get(v) else "") for v in sorted(self._served)]
+        return f"served versions: {', '.join(served) or 'none'}"
+
+    def _labels_by_version(self) -> dict[int, list[str]]:
+        labels_of: dict[int, list[str]] = {}
+        for label, version in sorted(self._labels.items()):
+            labels_of.setdefault(version, []).append(label)
+        return labels_of
+
+    def _set_routes(self, labels: dict[str, int]) -> None:
+        served = sorted(self._served)
+        self._labels = labels
+        default = resolve_default(self.source.default_version, served, labels)
+        if default is None and served:
+            default = served[-1]
+            if default != self._default:
+                fields = {"default_version": self.source.default_version, "using": default}
+                log.warning("default_route_unresolved", extra={"fields": fields})
+        self._default = default
+        self.observer.labels_changed(self._labels_by_version(), default)
+
+    # -- loading and unloading ----------------------------------------------------------------------------------
+
+    def _present_versions(self, raise_errors: bool) -> list[int] | None:
+        try:
+            return list_versions(self.source.model_dir)
+        except ModelRepositoryError as exc:
+            if raise_errors:
+                raise
+            log.error("model_dir_unreadable", extra={"fields": {"path": str(self.source.model_dir), "error": str(exc)}})
+            return None
+
+    def _read_labels(self, raise_errors: bool) -> dict[str, int]:
+        try:
+            return read_labels(self.source.model_dir)
+        except ModelRepositoryError as exc:
+            if raise_errors:
+                raise
+            log.error("labels_unreadable", extra={"fields": {"error": str(exc), "keeping": self._labels}})
+            return self._labels
+
+    def _failed_unchanged(self, version: int) -> bool:
+        """Whether `version` failed before and its files have not changed since (then it is not tried again)."""
+        failed = self._failed.get(version)
+        return failed is not None and failed[0] == _files_of(Path(self.source.model_dir) / str(version))
+
+    async def _load(self, version: int) -> None:
+        """Verify, load and warm up `version`; serve it, or record why not (and raise ProviderUnavailable)."""
+        path = Path(self.source.model_dir) / str(version)
+        files = _files_of(path)
+        started = time.perf_counter()
+        try:
+            sessions = await asyncio.get_running_loop().run_in_executor(self._loader, self._verified_sessions, version)
+        except Exception as exc:  # verification, a provider that cannot run, a graph that fails its warm-up
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._failed[version] = (files, reason)
+            self.observer.model_load_failed()
+            log.error("model_load_failed", extra={"fields": {"version": version, "path": str(path), "error": reason}})
+            if isinstance(exc, ProviderUnavailable):
+                raise
+            return
+        self._failed.pop(version, None)
+        engine = VaeEngine(sessions, self.batching, self.limits, self.executor, self.observer.for_version(version))
+        engine.start()
+        self._served[version] = _Served(engine)
+        model = sessions.version
+        self.observer.model_loaded(model.name, version, sessions.provider)
+        fields = {
+            "name": model.name, "version": version, "path": str(model.path), "latent_dim": model.latent_dim,
+            "provider": sessions.provider, "encoder_sha256": model.encoder.sha256,
+            "decoder_sha256": model.decoder.sha256, "load_seconds": round(time.perf_counter() - started, 3),
+        }  # fmt: skip
+        log.info("model_loaded", extra={"fields": fields})
+
+    def _verified_sessions(self, version: int) -> GraphSessions:
+        """Verify, load and warm up a version (in the loader thread: the event loop keeps serving meanwhile)."""
+        model = read_version_dir(Path(self.source.model_dir) / str(version), name=self.name, version=version)
+        self.check_version(model)
+        sessions = load_sessions(model, self.runtime)
+        sessions.warm_up(sorted({1, self.batching.max_batch_size}))
+        return sessions
+
+    def _retire(self, version: int) -> None:
+        served = self._served.pop(version)
+        served.retired = True
+        self._retiring.add(served)
+        log.info("model_unloading", extra={"fields": {"version": version, "requests_in_flight": served.leases}})
+        if served.leases == 0:
+            asyncio.get_running_loop().create_task(self._close(served))
+
+    async def _close(self, served: _Served) -> None:
+        if served.closed.is_set():
+            return
+        served.closed.set()
+        await served.engine.close()
+        self._retiring.discard(served)
+        version = served.engine.version.version
+        if version not in self._served:  # not loaded again meanwhile
+            self.observer.model_unloaded(version)
+        log.info("model_unloaded", extra={"fields": {"version": version}})
+        # Once this coroutine has returned, nothing holds the engine: then give its memory back.
+        asyncio.get_running_loop().call_soon(self._release_memory)
+
+    def _release_memory(self) -> None:
+        if not self._loader_closed:
+            self._loader.submit(release_freed_memory)
+
+
+def _files_of(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime) of a version directory's files: what tells a failed version changed since."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
+    except OSError:
+        return ()
+
+
+def largest_reply_bytes(latent_dim: int, image_shape: Sequence[int], items: int) -> int:
+    """Bytes of the largest reply `items` images and latents make (float32), with room for the envelope."""
+    return items * 4 * (math.prod(image_shape) + latent_dim) + 1024
