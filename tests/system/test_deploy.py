@@ -20,7 +20,7 @@ from tests.helpers import ROOT
 
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent  # kubectl, kubernetes-validate and hadolint come from the venv
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "cpu-live")
 GRPC_PORT, METRICS_PORT = 50051, 9090
 
 
@@ -48,6 +48,14 @@ def one(objects: list[dict], kind: str, name: str = "vae-server") -> dict:
 
 def server_container(objects: list[dict]) -> dict:
     return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def server_settings(objects: list[dict]) -> dict:
+    """The server's ConfigMap (its name carries kustomize's content hash), checked to be the one the pods read."""
+    maps = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("vae-server-config-")]
+    assert len(maps) == 1, [o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"]
+    assert server_container(objects)["envFrom"][0]["configMapRef"]["name"] == maps[0]["metadata"]["name"]
+    return maps[0]
 
 
 def test_overlays_render_every_object_the_platform_needs(rendered) -> None:
@@ -110,7 +118,7 @@ def test_probes_ask_the_health_service_for_the_vae_service() -> None:
 def test_drain_fits_inside_the_termination_grace_period(rendered) -> None:
     _, objects = rendered
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
-    config = one(objects, "ConfigMap", "vae-server-config")["data"]
+    config = server_settings(objects)["data"]
     pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop + float(config["VAE_GRACE_SECONDS"]) < pod["terminationGracePeriodSeconds"]
 
@@ -120,9 +128,8 @@ def test_ports_and_names_agree_between_deployment_service_servicemonitor_and_con
     container = server_container(objects)
     container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container_ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
-    config = one(objects, "ConfigMap", "vae-server-config")["data"]
+    config = server_settings(objects)["data"]
     assert int(config["VAE_GRPC_PORT"]) == GRPC_PORT and int(config["VAE_METRICS_PORT"]) == METRICS_PORT
-    assert container["envFrom"][0]["configMapRef"]["name"] == "vae-server-config"
 
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     service = one(objects, "Service")
@@ -156,23 +163,53 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider() -> None:
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
-    assert one(objects, "ConfigMap", "vae-server-config")["data"]["VAE_PROVIDER"] == "cuda"
+    assert server_settings(objects)["data"]["VAE_PROVIDER"] == "cuda"
     cpu = kustomize(DEPLOY / "k8s" / "overlays" / "cpu")
     assert "nvidia.com/gpu" not in server_container(cpu)["resources"]["limits"]
-    assert one(cpu, "ConfigMap", "vae-server-config")["data"]["VAE_PROVIDER"] == "cpu"
+    assert server_settings(cpu)["data"]["VAE_PROVIDER"] == "cpu"
 
 
-def test_inflight_hpa_component_scales_on_the_inflight_metric(tmp_path: Path) -> None:
-    # kustomize only loads paths below its root, so the deploy tree is linked in.
-    (tmp_path / "deploy").symlink_to(DEPLOY)
+def kustomize_on_top(tmp_path: Path, overlay: str, **fields: Any) -> list[dict[str, Any]]:
+    """Render `overlay` with more kustomization fields (components, a generator) in a scratch kustomization."""
+    (tmp_path / "deploy").symlink_to(DEPLOY)  # kustomize only loads paths below its root
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": ["deploy/k8s/overlays/cpu"],
-        "components": ["deploy/k8s/components/hpa-inflight"],
+        "resources": [f"deploy/k8s/overlays/{overlay}"],
+        **fields,
     }
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    hpa = one(kustomize(tmp_path), "HorizontalPodAutoscaler")
+    return kustomize(tmp_path)
+
+
+def test_a_changed_setting_renames_the_configmap_so_the_pods_roll(tmp_path: Path) -> None:
+    before = kustomize(DEPLOY / "k8s" / "overlays" / "cpu")
+    generator = [{"name": "vae-server-config", "behavior": "merge", "literals": ["VAE_MAX_DELAY_MS=5"]}]
+    after = kustomize_on_top(tmp_path, "cpu", configMapGenerator=generator)
+    assert server_settings(after)["data"]["VAE_MAX_DELAY_MS"] == "5"
+    assert server_settings(after)["metadata"]["name"] != server_settings(before)["metadata"]["name"]
+    pod_template = [one(objects, "Deployment")["spec"]["template"] for objects in (before, after)]
+    assert pod_template[0] != pod_template[1]  # a new ReplicaSet: the Deployment rolls
+
+
+def test_the_live_overlay_mounts_the_shared_repository_read_only_and_polls_it() -> None:
+    objects = kustomize(DEPLOY / "k8s" / "overlays" / "cpu-live")
+    claim = one(objects, "PersistentVolumeClaim", "vae-models")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod reads while the publisher writes
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert volume["persistentVolumeClaim"] == {"claimName": "vae-models", "readOnly": True}
+    mount = next(m for m in server_container(objects)["volumeMounts"] if m["name"] == "models")
+    assert mount["readOnly"] is True
+    settings = server_settings(objects)["data"]
+    assert settings["VAE_MODEL_DIR"].startswith(mount["mountPath"] + "/") and float(settings["VAE_POLL_SECONDS"]) > 0
+    immutable = server_settings(kustomize(DEPLOY / "k8s" / "overlays" / "cpu"))["data"]
+    assert float(immutable["VAE_POLL_SECONDS"]) == 0  # the model baked into the image: nothing to poll
+
+
+def test_inflight_hpa_component_scales_on_the_inflight_metric(tmp_path: Path) -> None:
+    objects = kustomize_on_top(tmp_path, "cpu", components=["deploy/k8s/components/hpa-inflight"])
+    hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vae_inflight_requests"
 
 
@@ -194,7 +231,7 @@ def test_promtool_checks_the_alert_rules(rules_dir: Path) -> None:
         ["promtool", "check", "rules", str(rules_dir / "alerts.rules.yaml")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_fire_each_alert_on_synthetic_series(rules_dir: Path) -> None:
@@ -247,6 +284,8 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "vae_inference_seconds_bucket",
         "vae_inflight_requests",
         "vae_model_info",
+        "vae_model_default_version",
+        "vae_model_loads_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
         "up{",
@@ -254,6 +293,9 @@ def test_dashboard_covers_what_operators_watch() -> None:
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (method, le) (rate(vae_request_duration_seconds" in exprs
+    # traffic, latency and errors by model version, side by side during a swap or a canary
+    assert "sum by (version) (rate(vae_requests_total" in exprs
+    assert "histogram_quantile(0.99, sum by (version, le) (rate(vae_request_duration_seconds_bucket" in exprs
 
 
 def test_dashboard_configmap_is_provisioned_for_the_grafana_sidecar() -> None:
