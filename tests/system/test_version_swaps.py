@@ -59,6 +59,8 @@ def test_a_version_exported_while_callers_run_takes_over_within_the_poll_interva
             info = client.model_info()
             assert client.health() == "SERVING"
 
+    replies = len(callers.replies)
+    print(f"version 2 answered {takeover_s:.2f} s after its publish (poll {POLL_SECONDS} s); {replies} requests")
     assert callers.errors == []
     assert takeover_s < POLL_SECONDS + 5.0  # one poll, then verification, loading and warm-up
     versions = callers.versions_seen()
