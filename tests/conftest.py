@@ -7,6 +7,7 @@ Every test is marked with its tier by its folder: tests/unit, tests/integration,
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,12 @@ def exported_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     repository = tmp_path_factory.mktemp("models")
     export(tiny_checkpoint, repository, "vae-mnist")
     return repository / "vae-mnist"
+
+
+@pytest.fixture
+def model_dir(exported_repository: Path, tmp_path: Path) -> Path:
+    """A model directory of the test's own holding version 1 (a copy of `exported_repository`), to change."""
+    return Path(shutil.copytree(exported_repository, tmp_path / "models" / "vae-mnist"))
 
 
 @pytest.fixture(scope="session")

@@ -173,19 +173,27 @@ def _is_version_name(name: str) -> bool:
     return name.isdecimal() and name.isascii() and not name.startswith("0")
 
 
-def _read_manifest(manifest_path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, what: str) -> dict[str, Any] | None:
+    """The JSON object in `path` (None when there is no such file); ModelRepositoryError naming the file."""
     try:
-        text = manifest_path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ModelRepositoryError(f"{manifest_path}: manifest missing") from None
+        return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelRepositoryError(f"{manifest_path}: cannot read manifest: {exc}") from None
+        raise ModelRepositoryError(f"{path}: cannot read {what}: {exc}") from None
     try:
-        manifest = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ModelRepositoryError(f"{manifest_path}: not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise ModelRepositoryError(f"{manifest_path}: manifest must be a JSON object")
+        raise ModelRepositoryError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelRepositoryError(f"{path}: {what} must be a JSON object")
+    return value
+
+
+def _read_manifest(manifest_path: Path) -> dict[str, Any]:
+    manifest = read_json_object(manifest_path, "manifest")
+    if manifest is None:
+        raise ModelRepositoryError(f"{manifest_path}: manifest missing")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelRepositoryError(
             f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported "

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.dataplane.repository import ModelRepositoryError, list_versions, load_version
+from serving.dataplane.repository import ModelRepositoryError, list_versions, load_version, read_json_object
 
 LABELS_FILE = "labels.json"
 LABEL_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -75,18 +75,9 @@ def check_label(label: str) -> str:
 def read_labels(model_dir: Path) -> dict[str, int]:
     """labels.json of `model_dir` ({} when there is none); ModelRepositoryError naming the file when malformed."""
     path = Path(model_dir) / LABELS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    labels = read_json_object(path, 'labels (label → version, e.g. {"stable": 3})')
+    if labels is None:
         return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelRepositoryError(f"{path}: cannot read labels: {exc}") from None
-    try:
-        labels = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelRepositoryError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(labels, dict):
-        raise ModelRepositoryError(f'{path}: must be a JSON object of label → version, e.g. {{"stable": 3}}')
     for label, version in labels.items():
         try:
             check_label(label)

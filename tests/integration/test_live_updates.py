@@ -25,14 +25,6 @@ from tests.helpers import (
     wait_until,
 )
 
-POLL_SECONDS = 0.2
-
-
-@pytest.fixture
-def model_dir(exported_repository: Path, tmp_path: Path) -> Path:
-    """A model directory of its own holding version 1 (the session's exported tiny model)."""
-    return Path(shutil.copytree(exported_repository, tmp_path / "models" / "vae-mnist"))
-
 
 def test_a_failed_version_is_logged_once_counted_and_retried_only_when_its_files_change(model_dir: Path) -> None:
     with running_server(model_dir, poll_seconds=0) as server, VaeClient(server.target) as client:

@@ -124,20 +124,14 @@ def _manifest_of_latent_8(version_dir: Path) -> None:
     ids=["checksum", "latent-size"],
 )
 def test_a_model_that_fails_verification_never_starts_serving(
-    exported_repository: Path, tmp_path: Path, damage: Callable[[Path], None], message: str
+    model_dir: Path, damage: Callable[[Path], None], message: str
 ) -> None:
-    model_dir = tmp_path / "vae-mnist"
-    shutil.copytree(exported_repository, model_dir)
     damage(model_dir / "1")
     with pytest.raises(ModelRepositoryError, match=message):
         asyncio.run(start_server(server_config(model_dir)))
 
 
-def test_replacing_the_model_directory_while_serving_changes_no_answer(
-    exported_repository: Path, tmp_path: Path
-) -> None:
-    model_dir = tmp_path / "vae-mnist"
-    shutil.copytree(exported_repository, model_dir)
+def test_replacing_the_model_directory_while_serving_changes_no_answer(model_dir: Path) -> None:
     images = np.random.default_rng(3).random((4, 1, 28, 28), dtype=np.float32)
 
     def answers(client: VaeClient) -> tuple[Any, ...]:

@@ -28,12 +28,6 @@ from tests.helpers import (
 POLL_SECONDS = 0.2
 
 
-@pytest.fixture
-def model_dir(exported_repository: Path, tmp_path: Path) -> Path:
-    """A model directory of its own holding version 1 (the session's exported tiny model)."""
-    return Path(shutil.copytree(exported_repository, tmp_path / "models" / "vae-mnist"))
-
-
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny model (another seed): its answers differ from version 1's."""
