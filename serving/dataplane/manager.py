@@ -106,8 +106,7 @@ class VersionStatus:
     state: str  # AVAILABLE (takes traffic), UNLOADING (finishing its requests), FAILED (never served)
     labels: tuple[str, ...]
     is_default: bool
-    engine: VaeEngine | None  # None when FAILED
-    error: str = ""
+    error: str = ""  # why it FAILED: the file and the check
 
 
 class ModelManager:
@@ -219,16 +218,13 @@ class ModelManager:
     def status(self) -> list[VersionStatus]:
         """Every version served, unloading or failed, newest first."""
         labels_of = self._labels_by_version()
-        rows = [
-            VersionStatus(v, "AVAILABLE", tuple(labels_of.get(v, ())), v == self._default, s.engine)
-            for v, s in self._served.items()
-        ]
+        rows = [VersionStatus(v, "AVAILABLE", tuple(labels_of.get(v, ())), v == self._default) for v in self._served]
         rows += [
-            VersionStatus(s.engine.version.version, "UNLOADING", (), False, s.engine)
+            VersionStatus(s.engine.version.version, "UNLOADING", (), False)
             for s in self._retiring
             if not s.closed.is_set()
         ]
-        rows += [VersionStatus(v, "FAILED", (), False, None, reason) for v, (_, reason) in self._failed.items()]
+        rows += [VersionStatus(v, "FAILED", (), False, reason) for v, (_, reason) in self._failed.items()]
         return sorted(rows, key=lambda row: (-row.version, row.state))
 
     def _resolve(self, version: int | None, label: str | None) -> _Served:

@@ -91,6 +91,9 @@ def test_requests_name_a_version_or_a_label_and_unknown_ones_get_not_found(model
         assert server.metric("vae_model_default_version") == 1
         assert server.metric("vae_requests_total", method="Decode", version="2", code="OK") == 1
         assert server.metric("vae_requests_total", method="Sample", version="", code="NOT_FOUND") == 2
+        with pytest.raises(VaeError):  # refused by version 2's validation: the metrics say which version refused
+            client.using(label="canary").decode(np.zeros((1, 3), np.float32))
+        assert server.metric("vae_requests_total", method="Decode", version="2", code="INVALID_ARGUMENT") == 1
 
 
 def test_moving_a_label_moves_its_traffic_on_the_next_look(model_dir: Path) -> None:
