@@ -120,9 +120,9 @@ class Metrics:
         self.model_info.labels(*self._info[v]).set(1)
         self.model_loads.labels("loaded").inc()
         for method in self.methods:
-            self.request_finished_series(method, v)
+            self._zero_series(method, v)
 
-    def request_finished_series(self, method: str, version: str) -> None:
+    def _zero_series(self, method: str, version: str) -> None:
         self._requests[(method, version, "OK")] = self.requests.labels(method, version, "OK")
         self._durations[(method, version)] = self.request_duration.labels(method, version)
         self._items[(method, version)] = self.request_items.labels(method, version)

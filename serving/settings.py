@@ -97,7 +97,6 @@ class Spec:
     """One setting as the command line sees it: where it lives, its type and how it is spelled."""
 
     name: str  # the field name, unique over all sections
-    owner: type[Any]  # the dataclass that declares it
     path: tuple[str, ...]  # section field names leading to it, e.g. ("batching",)
     kind: Any  # the resolved type hint
     default: Any
@@ -180,7 +179,7 @@ def specs(cls: type[Any], _path: tuple[str, ...] = (), _title: str = "") -> Iter
         if "section" in item.metadata:
             yield from specs(hints[item.name], (*_path, item.name), item.metadata["section"])
         elif "setting" in item.metadata:
-            yield Spec(item.name, cls, _path, hints[item.name], item.default, item.metadata["setting"], _title)
+            yield Spec(item.name, _path, hints[item.name], item.default, item.metadata["setting"], _title)
 
 
 def check_settings(instance: Any) -> None:

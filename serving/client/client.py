@@ -190,9 +190,14 @@ class VaeClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
+    def _versioned(self, request: Any) -> Any:
+        """`request` naming this client's version or label (when it has one, and the message has the field)."""
         if self._spec is not None and "model_version" in request.DESCRIPTOR.fields_by_name:  # not health's
             request.model_version.CopyFrom(self._spec)
+        return request
+
+    def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
+        request = self._versioned(request)
         try:
             reply = method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except grpc.RpcError as exc:
@@ -233,9 +238,7 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
         """`sample` for large counts: (images, latents) chunks; closing the iterator early cancels the stream."""
-        request = self._sample_request(count, seed, temperature, output_dtype)
-        if self._spec is not None:
-            request.model_version.CopyFrom(self._spec)
+        request = self._versioned(self._sample_request(count, seed, temperature, output_dtype))
         stream = self._stub.SampleStream(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         try:
             for reply in stream:

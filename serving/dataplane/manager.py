@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,8 +357,3 @@ def _files_of(path: Path) -> tuple[tuple[str, int, int], ...]:
         return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
     except OSError:
         return ()
-
-
-def largest_reply_bytes(latent_dim: int, image_shape: Sequence[int], items: int) -> int:
-    """Bytes of the largest reply `items` images and latents make (float32), with room for the envelope."""
-    return items * 4 * (math.prod(image_shape) + latent_dim) + 1024

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving import settings
 from serving.api import SERVICE_METHODS, SERVICE_NAME, pb_grpc
-from serving.dataplane.manager import ModelManager, largest_reply_bytes
+from serving.dataplane.manager import ModelManager
 from serving.dataplane.repository import ModelRepositoryError, ModelVersion
 from serving.dataplane.runtime import ProviderUnavailable
 from serving.errors import StartupError
@@ -95,6 +96,11 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
         age_ms = int(network.max_connection_age_seconds * 1000)
         options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
     return options
+
+
+def largest_reply_bytes(latent_dim: int, image_shape: Sequence[int], items: int) -> int:
+    """Bytes of the largest reply `items` images and latents make (float32), with room for the envelope."""
+    return items * 4 * (math.prod(image_shape) + latent_dim) + 1024
 
 
 def reply_fits(config: ServerConfig) -> Callable[[ModelVersion], None]:
