@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from serving.client import VaeClient, VaeError
 from serving.dataplane.draws import normal_rows
-from tests.helpers import DirectGraphs, ServerThread, mnist_5k_images, running_server
+from tests.helpers import DirectGraphs, ServerThread, mnist_5k_images, running_server, wait_until
 
 LATENT_DIM = 20
 
@@ -245,3 +246,18 @@ def test_a_version_without_a_baseline_serves_every_rpc_and_reports_no_active_dim
         assert client.traverse(np.zeros((1, LATENT_DIM)), dimensions=[0], steps=2).active_dimensions == ()
         assert client.score(digits(1)).negative_elbo.shape == (1,)
         assert server.metric("vae_model_score_baseline_nats") == 0  # no series at all
+
+
+@pytest.mark.parametrize(("fraction", "scored"), [(0.0, 0), (1.0, 6)])
+def test_encode_inputs_are_scored_for_the_histogram_only_in_the_fraction_asked(
+    exported_repository: Path, fraction: float, scored: int
+) -> None:
+    with running_server(exported_repository, encode_score_fraction=fraction) as server:
+        with VaeClient(server.target) as client:
+            for _ in range(3):
+                client.encode(digits(2))
+            client.score(digits(1))  # the 1 scored input of a Score call
+        wait_until(lambda: server.metric("vae_input_score_nats_count") == scored + 1, what="the inputs scored")
+        assert server.metric("vae_latent_norm_count") == 6 + 1  # every encoded input's norm, always
+        time.sleep(0.2)  # nothing more arrives later
+        assert server.metric("vae_input_score_nats_count") == scored + 1
