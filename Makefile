@@ -15,7 +15,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: promote audit soak beta-sweep bench bench-train help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
+.PHONY: promote audit soak beta-sweep bench bench-ood bench-rpcs bench-train help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -114,6 +114,13 @@ bench: install ## serving sweep on $(REPOSITORY)/$(NAME) → bench/results/servi
 	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' and 'make export' first" >&2; exit 1; }
 	$(PY) -m bench.serving --model-dir $(SERVE_MODEL_DIR)
 	$(PY) -m bench.onnx_vs_torch
+
+bench-ood: install ## out-of-distribution AUROC of each score through the gRPC API (trains two models, ~10 min) → bench/results/ood.json
+	$(PY) -m bench.ood --importance-samples 8
+
+bench-rpcs: install ## what Score, Reconstruct and Traverse cost beside Encode and Decode, on $(REPOSITORY)/$(NAME) (~2 min)
+	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
+	$(PY) -m bench.model_rpcs --model-dir $(SERVE_MODEL_DIR)
 
 bench-train: install ## training benchmarks: samples/s vs the tutorial loop, then quality vs the tutorial recipe
 	$(PY) -m bench.train_speed

@@ -24,7 +24,7 @@ import numpy as np
 
 from serving.api import pb, pb_grpc
 
-RPCS = ("decode", "encode", "sample", "interpolate")
+RPCS = ("decode", "encode", "sample", "interpolate", "score", "score-iwae8", "reconstruct", "traverse")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,15 @@ def build_request(rpc: str, rows: int, latent_dim: int, seed: int = 0) -> tuple[
     if rpc == "interpolate":
         start, end = (rng.standard_normal((rows, latent_dim), dtype=np.float32) for _ in range(2))
         return "Interpolate", pb.InterpolateRequest(start=_tensor(start), end=_tensor(end), steps=8)
+    images = _tensor(rng.random((rows, 1, 28, 28), dtype=np.float32))
+    if rpc in ("score", "score-iwae8"):
+        return "Score", pb.ScoreRequest(images=images, importance_samples=8 if rpc == "score-iwae8" else 0)
+    if rpc == "reconstruct":
+        return "Reconstruct", pb.ReconstructRequest(images=images)
+    if rpc == "traverse":  # about `rows` images: min(rows, D) dimensions x max(2, rows // D) steps
+        origin = _tensor(rng.standard_normal((1, latent_dim), dtype=np.float32))
+        dims = min(rows, latent_dim)
+        return "Traverse", pb.TraverseRequest(origin=origin, dimensions=range(dims), steps=max(2, rows // dims))
     raise ValueError(f"unknown rpc {rpc!r}; one of {', '.join(RPCS)}")
 
 

@@ -9,11 +9,13 @@ are registered too (CPU, memory, file descriptors, GC).
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import numpy as np
 import prometheus_client as prom
 from prometheus_client.exposition import ThreadingWSGIServer
 
@@ -21,6 +23,11 @@ GRAPHS = ("encoder", "decoder")
 LOAD_RESULTS = ("loaded", "failed")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+# Scores of MNIST-like inputs are ~60-150 nats, of unlike ones hundreds more: 25 .. 3200 in steps of √2.
+_SCORE_BUCKETS = tuple(round(25 * 2 ** (i / 2), 1) for i in range(15))
+# Posterior-mean norms: ~sqrt(latent_dim) for inputs like the training data. 0.5 .. 16 in steps of √2.
+_NORM_BUCKETS = tuple(round(0.5 * 2 ** (i / 2), 2) for i in range(11))
+BASELINE_QUANTILES = ("0.01", "0.05", "0.5", "0.95", "0.99")
 
 
 class Metrics:
@@ -73,6 +80,28 @@ class Metrics:
         self.model_loads = prom.Counter(
             "vae_model_loads", "versions loaded, or refused by verification or warm-up", ["result"], registry=r
         )
+        self.input_score = prom.Histogram(
+            "vae_input_score_nats",
+            "negative ELBO (nats, reconstruction at the posterior mean) of each input scored: Score and Reconstruct "
+            "inputs, and the sampled fraction of Encode's",
+            ["version"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.latent_norm = prom.Histogram(
+            "vae_latent_norm",
+            "L2 norm of the posterior mean of each input encoded (Encode, Score, Reconstruct)",
+            ["version"],
+            buckets=_NORM_BUCKETS,
+            registry=r,
+        )
+        self.score_baseline = prom.Gauge(
+            "vae_model_score_baseline_nats",
+            "quantiles of the negative ELBO over the version's validation images, from its manifest (the training "
+            "baseline the input score histogram is compared with)",
+            ["version", "quantile"],
+            registry=r,
+        )
         self.default_version = prom.Gauge(
             "vae_model_default_version", "the version requests naming none are served by", registry=r
         )
@@ -113,12 +142,15 @@ class Metrics:
         return server, server.server_address[1]
 
     # ModelObserver
-    def model_loaded(self, name: str, version: int, provider: str) -> None:
-        """A version takes traffic: its info series, and zeros for its request series."""
+    def model_loaded(self, name: str, version: int, provider: str, score_quantiles: Mapping[str, float]) -> None:
+        """A version takes traffic: its info series, its score baseline, and zeros for its request series."""
         v = str(version)
         self._info[v] = (name, v, provider, "")
         self.model_info.labels(*self._info[v]).set(1)
         self.model_loads.labels("loaded").inc()
+        for quantile in BASELINE_QUANTILES:
+            if quantile in score_quantiles:
+                self.score_baseline.labels(v, quantile).set(score_quantiles[quantile])
         for method in self.methods:
             self._zero_series(method, v)
 
@@ -146,6 +178,11 @@ class Metrics:
         for graph in GRAPHS:
             for family in (self.batch_rows, self.queue_wait, self.inference, self.queue_depth_rows):
                 family.remove(graph, v)
+        for histogram in (self.input_score, self.latent_norm):
+            histogram.remove(v)
+        for quantile in BASELINE_QUANTILES:
+            with contextlib.suppress(KeyError):  # a manifest without a baseline has none of these
+                self.score_baseline.remove(v, quantile)
 
     def labels_changed(self, labels_by_version: dict[int, list[str]], default_version: int | None) -> None:
         for v, (name, _, provider, old) in list(self._info.items()):
@@ -162,9 +199,11 @@ class Metrics:
 
 
 class _VersionObserver:
-    """BatchObserver for the batchers of one version, with its labelled children looked up once."""
+    """EngineObserver for the engine and batchers of one version, with its labelled children looked up once."""
 
     def __init__(self, metrics: Metrics, version: str) -> None:
+        self._scores = metrics.input_score.labels(version)
+        self._norms = metrics.latent_norm.labels(version)
         self._depths = {graph: metrics.queue_depth_rows.labels(graph, version) for graph in GRAPHS}
         self._batches = {
             graph: (
@@ -184,6 +223,14 @@ class _VersionObserver:
         inference.observe(inference_seconds)
         for seconds in queue_wait_seconds:
             queue_wait.observe(seconds)
+
+    def inputs_encoded(self, latent_norms: np.ndarray) -> None:
+        for norm in latent_norms.tolist():
+            self._norms.observe(norm)
+
+    def inputs_scored(self, negative_elbo: np.ndarray) -> None:
+        for value in negative_elbo.tolist():
+            self._scores.observe(value)
 
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

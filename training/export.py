@@ -9,6 +9,11 @@ writes `models/vae-mnist/<N>/{encoder.onnx, decoder.onnx, model.json}`; N is the
 PyTorch (eval mode) on onnxruntime's CPU provider within 1e-5 at batch 1, 7 and 256. Everything is built in
 memory, written into a temporary directory beside the versions, verified with the same reader the server
 uses (`serving.dataplane.repository`) and renamed into place: a failure or a crash never leaves a half version.
+
+The manifest's `baseline` is what the exported graphs make of the training run's validation images, scored
+exactly as the server scores its inputs (`serving.dataplane.scores`): quantiles of the negative ELBO (the
+drift alert's reference), the mean KL of each latent dimension and the active ones (Traverse reports them).
+Where the dataset cannot be loaded (`--data-dir` points at it), the version is exported without a baseline.
 """
 
 from __future__ import annotations
@@ -34,13 +39,18 @@ import torch
 from torch import nn
 
 from serving.dataplane import repository as repo
+from serving.dataplane import scores
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.data import DataError, load_dataset
 from training.model import VAE
 
 OPSET = 23  # the newest opset that both torch's exporter and onnxruntime 1.31 implement in full
 PARITY_BATCH_SIZES = (1, 7, 256)
 PARITY_TOLERANCE = 1e-5  # max absolute difference, onnxruntime CPU vs PyTorch eval, for mu, log_var and images
 PRODUCER = "vae-service training.export"
+BASELINE_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
+ACTIVE_KL_NATS = 0.01  # a latent dimension whose mean KL is at most this carries no information: inactive
+BASELINE_BATCH = 1000
 
 
 class ExportError(Exception):
@@ -144,6 +154,48 @@ def check_parity(model: VAE, graph_bytes: dict[str, bytes], tolerance: float | N
     return worst
 
 
+def validation_baseline(graph_bytes: dict[str, bytes], images: np.ndarray) -> dict[str, Any]:
+    """The exported graphs' scores of `images` (the validation split): quantiles, KL per dimension, active ones."""
+    sessions = {
+        role: ort.InferenceSession(data, providers=["CPUExecutionProvider"]) for role, data in graph_bytes.items()
+    }
+    negative_elbo, kl_rows = [], []
+    for start in range(0, len(images), BASELINE_BATCH):
+        batch = images[start : start + BASELINE_BATCH]
+        mu, log_var = sessions["encoder"].run(None, {repo.ENCODER_INPUT: batch})
+        (decoded,) = sessions["decoder"].run(None, {repo.DECODER_INPUT: mu})
+        negative_elbo.append(scores.reconstruction_nats(batch, decoded) + scores.kl_nats(mu, log_var))
+        kl_rows.append(scores.kl_nats(mu[..., None], log_var[..., None]))  # per dimension: [batch, D]
+    values = np.concatenate(negative_elbo)
+    kl_per_dim = np.concatenate(kl_rows).mean(axis=0)
+    return {
+        "images": len(images),
+        "score": "negative ELBO in nats, reconstruction at the posterior mean (serving.dataplane.scores)",
+        "score_quantiles": {f"{q:g}": round(float(np.quantile(values, q)), 3) for q in BASELINE_QUANTILES},
+        "score_mean": round(float(values.mean()), 3),
+        "kl_per_dim": [round(float(v), 4) for v in kl_per_dim],
+        "active_threshold_nats": ACTIVE_KL_NATS,
+        "active_dimensions": [d for d, v in enumerate(kl_per_dim.tolist()) if v > ACTIVE_KL_NATS],
+    }
+
+
+def checkpoint_baseline(
+    checkpoint: dict[str, Any], graph_bytes: dict[str, bytes], data_dir: Path | None
+) -> dict[str, Any] | None:
+    """`validation_baseline` on the checkpoint's own validation split; None (with a warning) without its data."""
+    train_config = checkpoint.get("train_config") or {}
+    name = checkpoint.get("dataset")
+    try:
+        if not isinstance(name, str):
+            raise DataError("the checkpoint does not name its dataset")
+        dataset = load_dataset(name, data_dir or train_config.get("data_dir"), int(train_config.get("split_seed", 0)))
+    except DataError as exc:
+        print(f"warning: exporting without a validation baseline (no drift reference): {exc}", file=sys.stderr)
+        return None
+    images = dataset.validation.images.numpy()
+    return {"dataset": dataset.name, "split": "validation", **validation_baseline(graph_bytes, images)}
+
+
 def build_manifest(
     name: str,
     version: int,
@@ -152,6 +204,7 @@ def build_manifest(
     checkpoint_path: Path,
     graph_bytes: dict[str, bytes],
     parity: dict[str, float],
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """model.json: what serving verifies (names, shapes, checksums) and what people ask about a version."""
     config = model.config
@@ -196,6 +249,7 @@ def build_manifest(
             "model_args": asdict(config),
             "train_config": checkpoint.get("train_config", {}),
         },
+        **({"baseline": baseline} if baseline is not None else {}),
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -284,7 +338,14 @@ def _remove_empty(directories: list[Path]) -> None:
             directory.rmdir()
 
 
-def export(checkpoint_path: Path, repository: Path, name: str, version: int | None = None, force: bool = False) -> Path:
+def export(
+    checkpoint_path: Path,
+    repository: Path,
+    name: str,
+    version: int | None = None,
+    force: bool = False,
+    data_dir: Path | None = None,
+) -> Path:
     """Checkpoint → `repository/name/version`; returns the published directory."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint)
@@ -301,7 +362,8 @@ def export(checkpoint_path: Path, repository: Path, name: str, version: int | No
         graphs = export_graphs(model, name, version)
         graph_bytes = {role: proto.SerializeToString() for role, proto in graphs.items()}
         parity = check_parity(model, graph_bytes)
-        manifest = build_manifest(name, version, model, checkpoint, checkpoint_path, graph_bytes, parity)
+        baseline = checkpoint_baseline(checkpoint, graph_bytes, data_dir)
+        manifest = build_manifest(name, version, model, checkpoint, checkpoint_path, graph_bytes, parity, baseline)
         files = {
             repo.ENCODER_FILE: graph_bytes["encoder"],
             repo.DECODER_FILE: graph_bytes["decoder"],
@@ -317,11 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="vae-mnist", help="model name: the directory under the repository")
     parser.add_argument("--version", type=int, default=None, help="version to write (default: next free)")
     parser.add_argument("--force", action="store_true", help="replace the version if it exists")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where the run's dataset is (default: the run's own --data-dir)"
+    )
     args = parser.parse_args(argv)
     if not args.name or Path(args.name).name != args.name or args.name.startswith("."):
         parser.error(f"--name must be a plain directory name, got {args.name!r}")
     try:
-        target = export(args.checkpoint, args.repository, args.name, args.version, args.force)
+        target = export(args.checkpoint, args.repository, args.name, args.version, args.force, args.data_dir)
     except (ExportError, CheckpointError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # torch's can span pages
         print(f"error: {first_line}", file=sys.stderr)

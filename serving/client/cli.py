@@ -1,7 +1,11 @@
-"""The client's command line: samples and interpolations as PNG grids, and the served model's description.
+"""The client's command line: samples, interpolations, reconstructions and traversals as PNG grids, scores as
+a table, and the served model's description.
 
 python -m serving.client --target localhost:50051 sample -n 64 --seed 1 -o samples.png
 python -m serving.client --target localhost:50051 interpolate a.png b.png --steps 10 -o strip.png
+python -m serving.client --target localhost:50051 score a.png b.png --importance-samples 100
+python -m serving.client --target localhost:50051 reconstruct a.png b.png -o reconstructions.png
+python -m serving.client --target localhost:50051 traverse a.png --steps 9 -o traversal.png
 python -m serving.client --target localhost:50051 info
 """
 
@@ -14,15 +18,65 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from serving.client.client import DEFAULT_TARGET, INTERPOLATION_METHODS, VaeClient, VaeError
 from serving.client.images import image_grid, load_image
 
 
 def _sample_command(client: VaeClient, args: argparse.Namespace) -> str:
-    images, _ = client.sample(args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype="uint8")
+    images, _ = client.sample(
+        args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype="uint8", offset=args.offset
+    )
     image_grid(images, args.columns).save(args.output)
-    seed = "random" if args.seed is None else args.seed
-    return f"wrote {args.output}: {len(images)} samples (seed {seed}) from version {client.last_model_version}"
+    rows = f"rows {args.offset}..{args.offset + len(images) - 1} of seed {client.last_sample_seed}"
+    return f"wrote {args.output}: {len(images)} samples ({rows}) from version {client.last_model_version}"
+
+
+def _load_images(client: VaeClient, paths: list[Path]) -> np.ndarray:
+    shape = client.model_info().image_shape
+    return np.stack([load_image(path, shape) for path in paths])
+
+
+def _score_command(client: VaeClient, args: argparse.Namespace) -> str:
+    scores = client.score(_load_images(client, args.images), args.importance_samples, args.seed)
+    columns = ["negative_elbo", "reconstruction", "kl", "complexity", "corrected"]
+    columns += ["iwae"] if scores.iwae is not None else []
+    width = max(len("image"), *(len(str(path)) for path in args.images))
+    lines = [f"{'image':<{width}}  " + "  ".join(f"{name:>14}" for name in columns)]
+    for row, path in enumerate(args.images):
+        values = (getattr(scores, name)[row] for name in columns)
+        lines.append(f"{path!s:<{width}}  " + "  ".join(f"{value:14.2f}" for value in values))
+    lines.append(f"nats; higher: less like the training data (version {client.last_model_version})")
+    return "\n".join(lines)
+
+
+def _reconstruct_command(client: VaeClient, args: argparse.Namespace) -> str:
+    images = _load_images(client, args.images)
+    reconstructions, _, scores = client.reconstruct(images, args.sample_posterior, args.seed, output_dtype="uint8")
+    pairs = np.stack([images, reconstructions], axis=1).reshape(-1, *images.shape[1:])
+    image_grid(pairs, columns=2).save(args.output)
+    worst = float(scores.negative_elbo.max())
+    return (
+        f"wrote {args.output}: {len(images)} rows of (image, reconstruction), negative ELBO up to {worst:.1f} nats, "
+        f"from version {client.last_model_version}"
+    )
+
+
+def _traverse_command(client: VaeClient, args: argparse.Namespace) -> str:
+    (image,) = _load_images(client, [args.image])
+    grid = client.traverse(image[None], args.dimensions or (), args.low, args.high, args.steps, output_dtype="uint8")
+    rows = grid.dimensions
+    if args.active_only and grid.active_dimensions:
+        keep = [row for row, dim in enumerate(rows) if dim in grid.active_dimensions]
+        grid_images, rows = grid.images[keep], tuple(rows[row] for row in keep)
+    else:
+        grid_images = grid.images
+    image_grid(grid_images.reshape(-1, *grid_images.shape[2:]), columns=len(grid.values)).save(args.output)
+    return (
+        f"wrote {args.output}: dimensions {list(rows)} (one per row) over {grid.values[0]:g}..{grid.values[-1]:g}; "
+        f"active dimensions {list(grid.active_dimensions) or 'unknown'}; version {client.last_model_version}"
+    )
 
 
 def _interpolate_command(client: VaeClient, args: argparse.Namespace) -> str:
@@ -74,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, default=64, help="how many (default 64)")
     sample.add_argument("--seed", type=int, default=None, help="same seed, same images (default: random)")
     sample.add_argument("--temperature", type=float, default=None, help="prior std multiplier (default 1.0)")
+    sample.add_argument("--offset", type=int, default=0, help="first row of the seed's draws (default 0)")
     sample.add_argument("--columns", type=int, default=None, help="grid width (default: square)")
     sample.add_argument("-o", "--output", type=Path, default=Path("samples.png"), help="PNG to write")
     sample.set_defaults(run=_sample_command)
@@ -87,6 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     interp.add_argument("-o", "--output", type=Path, default=Path("strip.png"), help="PNG to write")
     interp.set_defaults(run=_interpolate_command)
+
+    score = commands.add_parser("score", help="print a table of how well the model explains each image (nats)")
+    score.add_argument("images", type=Path, nargs="+", help="PNG images (grayscale, resized to the model's size)")
+    score.add_argument("--importance-samples", type=int, default=0, help="K for the iwae column (default 0: none)")
+    score.add_argument("--seed", type=int, default=None, help="seed of the importance samples (default 0)")
+    score.set_defaults(run=_score_command)
+
+    recon = commands.add_parser("reconstruct", help="save each image beside its reconstruction as a PNG grid")
+    recon.add_argument("images", type=Path, nargs="+", help="PNG images")
+    recon.add_argument("--sample-posterior", action="store_true", help="decode a posterior draw, not the mean")
+    recon.add_argument("--seed", type=int, default=None, help="seed of the posterior draws (default 0)")
+    recon.add_argument("-o", "--output", type=Path, default=Path("reconstructions.png"), help="PNG to write")
+    recon.set_defaults(run=_reconstruct_command)
+
+    traverse = commands.add_parser("traverse", help="sweep each latent dimension from an image; save the grid")
+    traverse.add_argument("image", type=Path, help="the origin (PNG)")
+    traverse.add_argument("--dimensions", type=int, nargs="+", default=None, help="which (default: all)")
+    traverse.add_argument("--active-only", action="store_true", help="leave out the dimensions the model does not use")
+    traverse.add_argument("--low", type=float, default=None, help="first value (default -3)")
+    traverse.add_argument("--high", type=float, default=None, help="last value (default 3)")
+    traverse.add_argument("--steps", type=int, default=None, help="values per dimension (default 9)")
+    traverse.add_argument("-o", "--output", type=Path, default=Path("traversal.png"), help="PNG to write")
+    traverse.set_defaults(run=_traverse_command)
 
     info = commands.add_parser("info", help="print the served model, its provider, health and manifest (JSON)")
     info.set_defaults(run=_info_command)

@@ -3,6 +3,7 @@
     with VaeClient("localhost:50051") as vae:
         images, latents = vae.sample(16, seed=1)       # [16,1,28,28] float32, [16,D]
         mu, log_var = vae.encode(images)
+        scores = vae.score(images)                     # per image: negative_elbo, corrected, ... (nats)
         print(vae.last_model_version)                  # the version that answered
         canary = vae.using(label="canary")             # the same channel, requests naming a label
         images, _ = canary.sample(16, seed=1)
@@ -76,6 +77,46 @@ class VersionStatus:
     labels: tuple[str, ...]
     is_default: bool
     error: str = ""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-image scores in nats, each [N] float64; higher means less like the training data (see vae.proto)."""
+
+    negative_elbo: np.ndarray
+    reconstruction: np.ndarray
+    kl: np.ndarray
+    complexity: np.ndarray
+    corrected: np.ndarray  # negative_elbo - complexity: the one to flag out-of-distribution inputs with
+    latent_norm: np.ndarray
+    iwae: np.ndarray | None = None  # the importance-weighted bound, when importance samples were asked for
+
+    @classmethod
+    def from_proto(cls, messages: Any) -> Scores:
+        def column(name: str) -> np.ndarray:
+            return np.array([getattr(m, name) for m in messages], dtype=np.float64)
+
+        has_iwae = len(messages) > 0 and all(m.HasField("iwae") for m in messages)
+        return cls(
+            negative_elbo=column("negative_elbo"),
+            reconstruction=column("reconstruction"),
+            kl=column("kl"),
+            complexity=column("complexity"),
+            corrected=column("corrected"),
+            latent_norm=column("latent_norm"),
+            iwae=column("iwae") if has_iwae else None,
+        )
+
+
+@dataclass(frozen=True)
+class Traversal:
+    """Traverse's grid: row r sweeps latent dimension dimensions[r] over `values`."""
+
+    images: np.ndarray  # [R, S, 1, 28, 28]
+    latents: np.ndarray  # [R, S, D]
+    dimensions: tuple[int, ...]
+    values: np.ndarray  # [S]
+    active_dimensions: tuple[int, ...]  # the dimensions the model uses (empty: its manifest does not say)
 
 
 def _array(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -214,8 +255,17 @@ class VaeClient:
         request = pb.DecodeRequest(latents=_wire(latents), output_dtype=_DTYPES[output_dtype])
         return _array(self._call(self._stub.Decode, request, timeout_s).images, "images")
 
-    def _sample_request(self, count: int, seed: int | None, temperature: float | None, dtype: str) -> pb.SampleRequest:
-        return pb.SampleRequest(num_samples=count, seed=seed, temperature=temperature, output_dtype=_DTYPES[dtype])
+    def _sample_request(
+        self, count: int, seed: int | None, temperature: float | None, dtype: str, offset: int
+    ) -> pb.SampleRequest:
+        return pb.SampleRequest(
+            num_samples=count, seed=seed, temperature=temperature, output_dtype=_DTYPES[dtype], offset=offset
+        )
+
+    @property
+    def last_sample_seed(self) -> int | None:
+        """The seed of this thread's last Sample or SampleStream reply: the one given, or the server's draw."""
+        return getattr(self._last, "seed", None)
 
     def sample(
         self,
@@ -224,9 +274,14 @@ class VaeClient:
         temperature: float | None = None,
         output_dtype: str = "float32",
         timeout_s: float | None = None,
+        offset: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(images [count,1,28,28], latents [count, D]) from the prior; the same seed gives the same images."""
-        reply = self._call(self._stub.Sample, self._sample_request(count, seed, temperature, output_dtype), timeout_s)
+        """(images [count,1,28,28], latents [count, D]): rows offset .. offset + count - 1 of the seed's prior
+        draws. The same seed and row always give the same image; without a seed the server draws one
+        (`last_sample_seed`)."""
+        request = self._sample_request(count, seed, temperature, output_dtype, offset)
+        reply = self._call(self._stub.Sample, request, timeout_s)
+        self._last.seed = reply.seed
         return _array(reply.images, "images"), _array(reply.latents, "latents")
 
     def sample_stream(
@@ -236,13 +291,16 @@ class VaeClient:
         temperature: float | None = None,
         output_dtype: str = "float32",
         timeout_s: float | None = None,
+        offset: int = 0,
     ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
-        """`sample` for large counts: (images, latents) chunks; closing the iterator early cancels the stream."""
-        request = self._versioned(self._sample_request(count, seed, temperature, output_dtype))
+        """`sample` for large counts: (images, latents) chunks; closing the iterator early cancels the stream.
+        A stream broken after k rows resumes with offset=offset + k."""
+        request = self._versioned(self._sample_request(count, seed, temperature, output_dtype, offset))
         stream = self._stub.SampleStream(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         try:
             for reply in stream:
                 self._answered(reply)
+                self._last.seed = reply.seed
                 yield _array(reply.images, "images"), _array(reply.latents, "latents")
         except grpc.RpcError as exc:
             raise VaeError(exc.code(), exc.details() or "") from None
@@ -268,6 +326,64 @@ class VaeClient:
         )
         reply = self._call(self._stub.Interpolate, request, timeout_s)
         return _array(reply.images, "images"), _array(reply.latents, "latents")
+
+    def score(
+        self,
+        images: np.ndarray,
+        importance_samples: int = 0,
+        seed: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Scores:
+        """Images [N,1,28,28] → their scores (nats); importance_samples=K adds the K-sample bound `iwae`."""
+        request = pb.ScoreRequest(images=_wire(images), importance_samples=importance_samples, seed=seed)
+        return Scores.from_proto(self._call(self._stub.Score, request, timeout_s).scores)
+
+    def reconstruct(
+        self,
+        images: np.ndarray,
+        sample_posterior: bool = False,
+        seed: int | None = None,
+        output_dtype: str = "float32",
+        timeout_s: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, Scores]:
+        """Images → (reconstructions [N,1,28,28], latents decoded [N, D], scores): the posterior means decoded,
+        or with sample_posterior one seeded draw z ~ q(z|x) per image."""
+        request = pb.ReconstructRequest(
+            images=_wire(images), sample_posterior=sample_posterior, seed=seed, output_dtype=_DTYPES[output_dtype]
+        )
+        reply = self._call(self._stub.Reconstruct, request, timeout_s)
+        return _array(reply.images, "images"), _array(reply.latents, "latents"), Scores.from_proto(reply.scores)
+
+    def traverse(
+        self,
+        origin: np.ndarray,
+        dimensions: tuple[int, ...] | list[int] = (),
+        low: float | None = None,
+        high: float | None = None,
+        steps: int | None = None,
+        relative: bool = False,
+        output_dtype: str = "float32",
+        timeout_s: float | None = None,
+    ) -> Traversal:
+        """One image [1,1,28,28] or latent [1, D] → the grid decoded while each dimension (default: all) sweeps
+        linspace(low, high, steps) (default -3, 3, 9), the others staying at the origin's."""
+        request = pb.TraverseRequest(
+            origin=_wire(origin),
+            dimensions=dimensions,
+            low=low,
+            high=high,
+            steps=steps,
+            relative=relative,
+            output_dtype=_DTYPES[output_dtype],
+        )
+        reply = self._call(self._stub.Traverse, request, timeout_s)
+        return Traversal(
+            _array(reply.images, "images"),
+            _array(reply.latents, "latents"),
+            tuple(reply.dimensions),
+            np.array(reply.values, dtype=np.float32),
+            tuple(reply.active_dimensions),
+        )
 
     def model_info(self, timeout_s: float | None = None) -> ModelInfo:
         """The version this client's requests get (name, version, latent_dim, image shape, provider, manifest),

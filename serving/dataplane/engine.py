@@ -1,4 +1,5 @@
-"""The VAE data plane: encode, decode, sample and interpolate one served model version, on numpy arrays.
+"""The VAE data plane of one served model version, on numpy arrays: encode, decode, sample, interpolate, and
+what only a latent-variable model answers (score, reconstruct, traverse).
 
 Each method validates its inputs (`serving.dataplane.validation`), runs the graphs through the per-graph
 batchers and returns numpy arrays; the gRPC servicer only translates protobuf to and from these calls.
@@ -7,28 +8,38 @@ Nothing here imports gRPC.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
+from serving.dataplane import scores
 from serving.dataplane.batcher import Batcher, BatchObserver, BatchPolicy
+from serving.dataplane.draws import normal_rows
 from serving.dataplane.interpolation import Method, interpolate
 from serving.dataplane.runtime import GraphSessions
 from serving.dataplane.validation import (
     check_count,
+    check_dimensions,
     check_endpoints,
     check_images,
+    check_importance_samples,
     check_latents,
+    check_origin,
+    check_range,
     check_steps,
     check_temperature,
 )
-from serving.errors import Overloaded
+from serving.errors import Overloaded, ServingError
 from serving.settings import check_settings, setting
 
 OutputDType = Literal["float32", "uint8"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,9 +54,41 @@ class RequestLimits:
     max_sample_streams: int = setting(
         64, "SampleStream calls running at once, at most; beyond it RESOURCE_EXHAUSTED", minimum=1, metavar="N"
     )
+    max_importance_samples: int = setting(
+        1024, "Score importance samples per image (K), at most; images x K also within the items", minimum=1
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
+
+
+@dataclass(frozen=True)
+class ScoreTelemetry:
+    """What the server measures of its inputs, for the drift alert (vae_input_score_nats, vae_latent_norm)."""
+
+    encode_score_fraction: float = setting(
+        0.1,
+        "fraction of Encode requests whose images are also scored (one decoder pass, after the reply) for the "
+        "input score histogram; Score and Reconstruct always are; 0 turns it off",
+        minimum=0.0,
+        maximum=1.0,
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+class EngineObserver(BatchObserver, Protocol):
+    """The batchers' observer, and what the engine measures of the inputs it encodes."""
+
+    def inputs_encoded(self, latent_norms: np.ndarray) -> None: ...
+
+    def inputs_scored(self, negative_elbo: np.ndarray) -> None: ...
+
+
+DEFAULT_TRAVERSE_RANGE = (-3.0, 3.0)
+DEFAULT_TRAVERSE_STEPS = 9
+log = logging.getLogger(__name__)
 
 
 def to_output_dtype(images: np.ndarray, output_dtype: OutputDType) -> np.ndarray:
@@ -64,7 +107,8 @@ class VaeEngine:
         policy: BatchPolicy,
         limits: RequestLimits,
         executor: Executor | None = None,
-        observer: BatchObserver | None = None,
+        observer: EngineObserver | None = None,
+        telemetry: ScoreTelemetry | None = None,
     ) -> None:
         self.version = sessions.version
         self.provider = sessions.provider
@@ -73,8 +117,12 @@ class VaeEngine:
         self.limits = limits
         self.policy = policy
         self.sample_streams = 0  # SampleStream calls running now
+        self.observer = observer
+        self.telemetry = telemetry or ScoreTelemetry()
         self.encoder = Batcher("encoder", sessions.encoder.run, policy, executor, observer)
         self.decoder = Batcher("decoder", sessions.decoder.run, policy, executor, observer)
+        self._telemetry_rng = np.random.default_rng()
+        self._background: set[asyncio.Task[None]] = set()  # Encode inputs being scored after their reply
 
     def start(self) -> None:
         """Start the batchers (on the running event loop)."""
@@ -82,6 +130,9 @@ class VaeEngine:
         self.decoder.start()
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.encoder.close()
         await self.decoder.close()
 
@@ -89,7 +140,126 @@ class VaeEngine:
         """[N,1,28,28] float32 in [0,1] or uint8 → (mu, log_var), each [N, D]."""
         images = check_images(images, self.image_shape, self.limits.max_items_per_request)
         mu, log_var = await self.encoder.run(images, deadline)
+        if self.observer is not None:
+            self.observer.inputs_encoded(np.linalg.norm(mu, axis=1))
+            fraction = self.telemetry.encode_score_fraction
+            if fraction > 0 and self._telemetry_rng.random() < fraction:
+                task = asyncio.get_running_loop().create_task(self._score_in_background(images, mu, log_var))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         return mu, log_var
+
+    async def _score_in_background(self, images: np.ndarray, mu: np.ndarray, log_var: np.ndarray) -> None:
+        """Score Encode's inputs for the histogram once its reply is on its way; a busy server skips it."""
+        try:
+            (decoded,) = await self.decoder.run(mu)
+        except ServingError as exc:  # queue full or closing: telemetry gives way to requests
+            log.debug("encode inputs not scored: %s", exc)
+            return
+        if self.observer is not None:
+            self.observer.inputs_scored(scores.reconstruction_nats(images, decoded) + scores.kl_nats(mu, log_var))
+
+    async def score(
+        self, images: np.ndarray, importance_samples: int = 0, seed: int | None = None, deadline: float | None = None
+    ) -> scores.ImageScores:
+        """Images [N,1,28,28] → their scores; with K importance samples also the K-sample bound (seeded: the
+        same request gives the same numbers). One encoder pass, and one decoder pass of N·(1 + K) rows."""
+        limit = self.limits.max_items_per_request
+        images = check_images(images, self.image_shape, limit)
+        count = images.shape[0]
+        k = check_importance_samples(importance_samples, count, self.limits.max_importance_samples, limit)
+        mu, log_var = await self.encoder.run(images, deadline)
+        rows, eps = mu, None
+        if k:
+            # Image i's draws are rows i·K .. i·K + K - 1 of the seed's sequence.
+            eps = normal_rows(seed or 0, 0, count * k, self.latent_dim).reshape(count, k, -1).transpose(1, 0, 2)
+            z = mu + np.exp(np.float32(0.5) * log_var) * eps  # [K, N, D]
+            rows = np.concatenate([mu, z.reshape(k * count, self.latent_dim)])
+        (decoded,) = await self.decoder.run(rows, deadline)
+        at_mean = decoded[:count]
+        iwae = None
+        if eps is not None:
+            sampled = decoded[count:].reshape(k, count, *self.image_shape)
+            iwae = await _off_loop(scores.iwae_nats, images, mu, log_var, eps, sampled)
+        result = await _off_loop(scores.score, images, mu, log_var, at_mean, iwae)
+        self._observe(result)
+        return result
+
+    async def reconstruct(
+        self,
+        images: np.ndarray,
+        sample_posterior: bool = False,
+        seed: int | None = None,
+        output_dtype: OutputDType = "float32",
+        deadline: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, scores.ImageScores]:
+        """Images → (reconstructions, the latents decoded [N, D], scores at those latents).
+
+        The latents are the posterior means, or with `sample_posterior` one draw z ~ q(z|x) per image (image i
+        uses row i of the seed's sequence). One encoder and one decoder pass.
+        """
+        images = check_images(images, self.image_shape, self.limits.max_items_per_request)
+        mu, log_var = await self.encoder.run(images, deadline)
+        latents = mu
+        if sample_posterior:
+            eps = normal_rows(seed or 0, 0, images.shape[0], self.latent_dim)
+            latents = mu + np.exp(np.float32(0.5) * log_var) * eps
+        (decoded,) = await self.decoder.run(latents, deadline)
+        result = await _off_loop(scores.score, images, mu, log_var, decoded)
+        if sample_posterior:
+            self._observe_norms(result)
+        else:
+            self._observe(result)
+        return to_output_dtype(decoded, output_dtype), latents, result
+
+    def _observe(self, result: scores.ImageScores) -> None:
+        self._observe_norms(result)
+        if self.observer is not None:
+            self.observer.inputs_scored(result.negative_elbo)
+
+    def _observe_norms(self, result: scores.ImageScores) -> None:
+        if self.observer is not None:
+            self.observer.inputs_encoded(result.latent_norm)
+
+    async def traverse(
+        self,
+        origin: np.ndarray,
+        dimensions: Sequence[int] = (),
+        low: float | None = None,
+        high: float | None = None,
+        steps: int | None = None,
+        relative: bool = False,
+        output_dtype: OutputDType = "float32",
+        deadline: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray]:
+        """One image or latent → (images [R, S, 1,28,28], latents [R, S, D], the R dimensions, the S values).
+
+        Row r sweeps dimension dimensions[r] over linspace(low, high, S), every other dimension staying at the
+        origin's (an image's posterior mean); `relative` adds each value to the origin's own coordinate.
+        """
+        kind = check_origin(origin, self.image_shape, self.latent_dim)
+        dims = check_dimensions(dimensions, self.latent_dim)
+        values = check_range(
+            DEFAULT_TRAVERSE_RANGE[0] if low is None else low, DEFAULT_TRAVERSE_RANGE[1] if high is None else high
+        )
+        count = check_steps(
+            DEFAULT_TRAVERSE_STEPS if steps is None else steps,
+            len(dims),
+            self.limits.max_interpolation_steps,
+            self.limits.max_items_per_request,
+            rows="dimensions",
+        )
+        if kind == "images":
+            (z,), _ = await self.encoder.run(check_images(origin, self.image_shape, 1, "origin"), deadline)
+        else:
+            z = check_latents(origin, self.latent_dim, 1, "origin")[0]
+        sweep = np.linspace(values[0], values[1], count, dtype=np.float32)
+        grid = np.repeat(np.repeat(z[None, None, :], len(dims), axis=0), count, axis=1)  # [R, S, D]
+        for row, dim in enumerate(dims):
+            grid[row, :, dim] = sweep + z[dim] if relative else sweep
+        (images,) = await self.decoder.run(grid.reshape(-1, self.latent_dim), deadline)
+        images = images.reshape(len(dims), count, *self.image_shape)
+        return to_output_dtype(images, output_dtype), grid, dims, sweep
 
     async def decode(
         self, latents: np.ndarray, output_dtype: OutputDType = "float32", deadline: float | None = None
@@ -99,9 +269,9 @@ class VaeEngine:
         (images,) = await self.decoder.run(latents, deadline)
         return to_output_dtype(images, output_dtype)
 
-    def prior_latents(self, count: int, rng: np.random.Generator, temperature: float) -> np.ndarray:
-        """`count` draws from N(0, temperature²·I), [count, D] float32."""
-        latents = rng.standard_normal((count, self.latent_dim), dtype=np.float32)
+    def prior_latents(self, seed: int, offset: int, count: int, temperature: float) -> np.ndarray:
+        """Rows offset .. offset + count - 1 of the seed's draws from N(0, temperature²·I), [count, D] float32."""
+        latents = normal_rows(seed, offset, count, self.latent_dim)
         if temperature != 1.0:
             latents *= np.float32(temperature)
         return latents
@@ -113,13 +283,19 @@ class VaeEngine:
         temperature: float | None = None,
         output_dtype: OutputDType = "float32",
         deadline: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(images, latents) for `num_samples` prior draws; the same seed gives the same draws."""
+        offset: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(images, latents, seed) for rows offset .. offset + num_samples - 1 of the seed's prior draws.
+
+        The same seed and row give the same draw, whatever the count or offset of the request that asks for it
+        (`serving.dataplane.draws`); with no seed the server draws one and returns it.
+        """
         check_count(num_samples, self.limits.max_items_per_request, "num_samples")
         scale = check_temperature(temperature)
-        latents = self.prior_latents(num_samples, np.random.default_rng(seed), scale)
+        seed = secrets.randbits(64) if seed is None else seed
+        latents = self.prior_latents(seed, offset, num_samples, scale)
         (images,) = await self.decoder.run(latents, deadline)
-        return to_output_dtype(images, output_dtype), latents
+        return to_output_dtype(images, output_dtype), latents, seed
 
     async def sample_stream(
         self,
@@ -128,11 +304,12 @@ class VaeEngine:
         temperature: float | None = None,
         output_dtype: OutputDType = "float32",
         deadline: float | None = None,
-    ) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+        offset: int = 0,
+    ) -> AsyncIterator[tuple[np.ndarray, np.ndarray, int, int]]:
         """`sample` in chunks of at most max_batch_size rows: the same draws, for any count up to the stream limit.
 
-        Chunks are produced one at a time, when the consumer asks for the next: a consumer that stops
-        stops the work.
+        Yields (images, latents, seed, the chunk's first row). Chunks are produced one at a time, when the
+        consumer asks for the next: a consumer that stops stops the work.
         """
         check_count(num_samples, self.limits.max_stream_samples, "num_samples")
         scale = check_temperature(temperature)
@@ -143,12 +320,12 @@ class VaeEngine:
             )
         self.sample_streams += 1
         try:
-            rng = np.random.default_rng(seed)
+            seed = secrets.randbits(64) if seed is None else seed
             chunk = min(self.policy.max_batch_size, self.limits.max_items_per_request)
-            for start in range(0, num_samples, chunk):
-                latents = self.prior_latents(min(chunk, num_samples - start), rng, scale)
+            for start in range(offset, offset + num_samples, chunk):
+                latents = self.prior_latents(seed, start, min(chunk, offset + num_samples - start), scale)
                 (images,) = await self.decoder.run(latents, deadline)
-                yield to_output_dtype(images, output_dtype), latents
+                yield to_output_dtype(images, output_dtype), latents, seed, start
         finally:
             self.sample_streams -= 1
 
@@ -185,3 +362,8 @@ class VaeEngine:
         (images,) = await self.decoder.run(path.reshape(pairs * steps, self.latent_dim), deadline)
         images = images.reshape(pairs, steps, *self.image_shape)
         return to_output_dtype(images, output_dtype), path
+
+
+async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+    """Run numpy and zlib work (they release the GIL) on the default thread pool, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)

@@ -18,14 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from serving.dataplane.batcher import BatchObserver, BatchPolicy
-from serving.dataplane.engine import RequestLimits, VaeEngine
+from serving.dataplane.batcher import BatchPolicy
+from serving.dataplane.engine import EngineObserver, RequestLimits, ScoreTelemetry, VaeEngine
 from serving.dataplane.repository import ModelRepositoryError, ModelVersion, list_versions, read_version_dir
 from serving.dataplane.runtime import (
     GraphSessions,
@@ -78,7 +78,7 @@ class ModelSource:
 class ModelObserver(Protocol):
     """What the manager reports (the metrics module implements it)."""
 
-    def model_loaded(self, name: str, version: int, provider: str) -> None: ...
+    def model_loaded(self, name: str, version: int, provider: str, score_quantiles: Mapping[str, float]) -> None: ...
 
     def model_load_failed(self) -> None: ...
 
@@ -86,7 +86,7 @@ class ModelObserver(Protocol):
 
     def labels_changed(self, labels_by_version: dict[int, list[str]], default_version: int | None) -> None: ...
 
-    def for_version(self, version: int) -> BatchObserver: ...
+    def for_version(self, version: int) -> EngineObserver: ...
 
 
 @dataclass(eq=False)
@@ -120,10 +120,12 @@ class ModelManager:
         executor: Executor,
         observer: ModelObserver,
         check_version: Callable[[ModelVersion], None] = lambda version: None,
+        telemetry: ScoreTelemetry | None = None,
     ) -> None:
         self.source = source
         self.policy = VersionPolicy.parse(source.version_policy)
         self.runtime, self.batching, self.limits = runtime, batching, limits
+        self.telemetry = telemetry or ScoreTelemetry()
         self.executor = executor
         self.observer = observer
         self.check_version = check_version  # start-up checks a version must pass besides its own verification
@@ -305,11 +307,13 @@ class ModelManager:
                 raise
             return
         self._failed.pop(version, None)
-        engine = VaeEngine(sessions, self.batching, self.limits, self.executor, self.observer.for_version(version))
+        engine = VaeEngine(
+            sessions, self.batching, self.limits, self.executor, self.observer.for_version(version), self.telemetry
+        )
         engine.start()
         self._served[version] = _Served(engine)
         model = sessions.version
-        self.observer.model_loaded(model.name, version, sessions.provider)
+        self.observer.model_loaded(model.name, version, sessions.provider, model.score_quantiles)
         fields = {
             "name": model.name, "version": version, "path": str(model.path), "latent_dim": model.latent_dim,
             "provider": sessions.provider, "encoder_sha256": model.encoder.sha256,

@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import reprlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,9 @@ class ModelVersion:
     encoder: GraphSpec  # x [batch,1,28,28] float32 → mu, log_var [batch, latent_dim]
     decoder: GraphSpec  # z [batch, latent_dim] float32 → x [batch,1,28,28] in [0,1]
     manifest: dict[str, Any]  # model.json as read
+    # From the manifest's optional "baseline" (the validation set at export; absent in older versions):
+    score_quantiles: dict[str, float] = field(default_factory=dict)  # "0.5" → negative ELBO in nats
+    active_dimensions: tuple[int, ...] | None = None  # latent dimensions with mean KL above the threshold
 
     @property
     def manifest_json(self) -> str:
@@ -157,6 +161,7 @@ def read_version_dir(path: Path, name: str, version: int) -> ModelVersion:
         )
     expected = expected_signatures(latent_dim, image_shape)
     graphs = {role: _read_graph(path, field, role, *expected[role]) for role in ("encoder", "decoder")}
+    score_quantiles, active_dimensions = _read_baseline(manifest_path, manifest.get("baseline"), latent_dim)
     return ModelVersion(
         name=name,
         version=version,
@@ -166,7 +171,34 @@ def read_version_dir(path: Path, name: str, version: int) -> ModelVersion:
         encoder=graphs["encoder"],
         decoder=graphs["decoder"],
         manifest=manifest,
+        score_quantiles=score_quantiles,
+        active_dimensions=active_dimensions,
     )
+
+
+def _read_baseline(
+    manifest_path: Path, baseline: Any, latent_dim: int
+) -> tuple[dict[str, float], tuple[int, ...] | None]:
+    """The manifest's optional "baseline": (score quantiles, active dimensions); ({}, None) when it has none."""
+    if baseline is None:
+        return {}, None
+    quantiles = baseline.get("score_quantiles") if isinstance(baseline, dict) else None
+    active = baseline.get("active_dimensions") if isinstance(baseline, dict) else None
+    if not (
+        isinstance(quantiles, dict)
+        and all(isinstance(q, str) and _is_number(v) for q, v in quantiles.items())
+        and isinstance(active, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < latent_dim for d in active)
+    ):
+        raise ModelRepositoryError(
+            f"{manifest_path}: baseline must hold score_quantiles (quantile → nats) and active_dimensions "
+            f"(integers in [0, {latent_dim}))"
+        )
+    return {q: float(v) for q, v in quantiles.items()}, tuple(sorted(active))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_version_name(name: str) -> bool:

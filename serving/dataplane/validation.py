@@ -6,6 +6,7 @@ Each failure raises `InvalidRequest` with a message that says what was wrong and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -101,13 +102,60 @@ def check_endpoints(
     )
 
 
-def check_steps(steps: int, pairs: int, max_steps: int, max_items: int) -> int:
-    """2 <= steps <= max_steps, and pairs * steps <= max_items (the images returned)."""
+def check_steps(steps: int, paths: int, max_steps: int, max_items: int, rows: str = "pairs") -> int:
+    """2 <= steps <= max_steps, and paths * steps <= max_items (the images returned); `rows` names the paths."""
     if not 2 <= steps <= max_steps:
         raise InvalidRequest(f"steps is {steps}; it must be in [2, {max_steps}] (both ends included)")
-    if pairs * steps > max_items:
+    if paths * steps > max_items:
         raise InvalidRequest(
-            f"{pairs} pairs x {steps} steps = {pairs * steps} images, "
+            f"{paths} {rows} x {steps} steps = {paths * steps} images, "
             f"more than this server's limit of {max_items} per request"
         )
     return steps
+
+
+def check_importance_samples(samples: int, images: int, max_samples: int, max_items: int) -> int:
+    """0 (no importance-weighted bound) or 1 .. max_samples, with images * samples <= max_items decoded rows."""
+    if samples > max_samples:
+        raise InvalidRequest(
+            f"importance_samples is {samples}, more than this server's limit of {max_samples} per image"
+        )
+    if images * samples > max_items:
+        raise InvalidRequest(
+            f"{images} images x {samples} importance_samples = {images * samples} decoded rows, more than this "
+            f"server's limit of {max_items} per request; send fewer images per request"
+        )
+    return samples
+
+
+def check_origin(origin: np.ndarray, image_shape: tuple[int, ...], latent_dim: int) -> str:
+    """Traverse's origin: one image [1, *image_shape] or one latent [1, latent_dim]; returns "images" or "latents"."""
+    expected = ", ".join(map(str, image_shape))
+    if origin.ndim in (2, 1 + len(image_shape)) and origin.shape[0] == 1:
+        return "latents" if origin.ndim == 2 else "images"
+    raise InvalidRequest(
+        f"origin has shape {list(origin.shape)}; expected one image [1, {expected}] or one latent [1, {latent_dim}]"
+    )
+
+
+def check_dimensions(dimensions: Sequence[int], latent_dim: int) -> list[int]:
+    """Latent dimensions, each in [0, latent_dim), no repeats; empty means all of them."""
+    if not dimensions:
+        return list(range(latent_dim))
+    bad = [d for d in dimensions if not 0 <= d < latent_dim]
+    if bad:
+        raise InvalidRequest(f"dimensions {bad} are out of range; each must be in [0, {latent_dim}) (latent_dim)")
+    if len(set(dimensions)) != len(dimensions):
+        repeated = sorted({d for d in dimensions if list(dimensions).count(d) > 1})
+        raise InvalidRequest(f"dimensions {repeated} are repeated; name each dimension once")
+    return list(dimensions)
+
+
+def check_range(low: float, high: float) -> tuple[float, float]:
+    """A sweep's ends: finite, within ±MAX_ABS_LATENT, low < high."""
+    for name, value in (("low", low), ("high", high)):
+        if not (math.isfinite(value) and abs(value) <= MAX_ABS_LATENT):
+            raise InvalidRequest(f"{name} is {value}; it must be finite and within ±{MAX_ABS_LATENT:g}")
+    if not low < high:
+        raise InvalidRequest(f"low ({low:g}) must be below high ({high:g})")
+    return low, high

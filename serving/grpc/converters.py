@@ -1,4 +1,5 @@
-"""Request fields → data-plane values: the proto enums, the version asked for, and the deadline on the loop's clock.
+"""Request fields → data-plane values (the proto enums, the version asked for, the deadline on the loop's clock),
+and the data plane's scores → ImageScore messages.
 
 (Tensors ↔ numpy is `serving.api.tensors`, shared with the client.)
 """
@@ -12,6 +13,7 @@ import grpc
 from serving.api import pb
 from serving.dataplane.engine import OutputDType
 from serving.dataplane.interpolation import Method
+from serving.dataplane.scores import ImageScores
 from serving.errors import InvalidRequest
 
 _OUTPUT_DTYPES: dict[int, OutputDType] = {
@@ -58,3 +60,25 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline as event-loop time (what the batcher drops expired work by); None: no deadline."""
     remaining = context.time_remaining()
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+def image_scores_to_proto(scores: ImageScores) -> list[pb.ImageScore]:
+    """One ImageScore per image; `iwae` set only when the scores have it."""
+    columns = [
+        scores.negative_elbo.tolist(),
+        scores.reconstruction.tolist(),
+        scores.kl.tolist(),
+        scores.complexity.tolist(),
+        scores.corrected.tolist(),
+        scores.latent_norm.tolist(),
+    ]
+    messages = [
+        pb.ImageScore(
+            negative_elbo=nelbo, reconstruction=rec, kl=kl, complexity=complexity, corrected=corrected, latent_norm=norm
+        )
+        for nelbo, rec, kl, complexity, corrected, norm in zip(*columns, strict=True)
+    ]
+    if scores.iwae is not None:
+        for message, iwae in zip(messages, scores.iwae.tolist(), strict=True):
+            message.iwae = iwae
+    return messages

@@ -19,7 +19,13 @@ from serving.api import VERSION_METADATA, pb, pb_grpc
 from serving.api.tensors import fill_tensor, tensor_from_proto
 from serving.dataplane.engine import OutputDType, VaeEngine
 from serving.dataplane.manager import ModelManager
-from serving.grpc.converters import deadline_of, method_from_proto, output_dtype_from_proto, version_choice
+from serving.grpc.converters import (
+    deadline_of,
+    image_scores_to_proto,
+    method_from_proto,
+    output_dtype_from_proto,
+    version_choice,
+)
 
 # Images or latents in a successful reply (SampleStream: in each chunk), by method: vae_request_items.
 REPLY_ITEMS: dict[str, Callable[[Any], int]] = {
@@ -28,6 +34,9 @@ REPLY_ITEMS: dict[str, Callable[[Any], int]] = {
     "Sample": lambda reply: reply.latents.shape[0],
     "SampleStream": lambda reply: reply.latents.shape[0],
     "Interpolate": lambda reply: reply.latents.shape[0] * reply.latents.shape[1],
+    "Score": lambda reply: len(reply.scores),
+    "Reconstruct": lambda reply: reply.latents.shape[0],
+    "Traverse": lambda reply: reply.latents.shape[0] * reply.latents.shape[1],
 }
 
 _STATES = {"AVAILABLE": pb.AVAILABLE, "UNLOADING": pb.UNLOADING, "FAILED": pb.FAILED}
@@ -69,16 +78,20 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
 
     async def Sample(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> pb.SampleResponse:
         async with self._lease(request, context) as engine:
-            images, latents = await engine.sample(*_sample_arguments(request), deadline=deadline_of(context))
-        return _sample_response(images, latents, engine)
+            images, latents, seed = await engine.sample(
+                *_sample_arguments(request), deadline=deadline_of(context), offset=request.offset
+            )
+        return _sample_response(images, latents, engine, seed, request.offset)
 
     async def SampleStream(
         self, request: pb.SampleRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SampleResponse]:
         async with self._lease(request, context) as engine:
-            chunks = engine.sample_stream(*_sample_arguments(request), deadline=deadline_of(context))
-            async for images, latents in chunks:
-                yield _sample_response(images, latents, engine)
+            chunks = engine.sample_stream(
+                *_sample_arguments(request), deadline=deadline_of(context), offset=request.offset
+            )
+            async for images, latents, seed, offset in chunks:
+                yield _sample_response(images, latents, engine, seed, offset)
 
     async def Interpolate(
         self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext
@@ -93,6 +106,54 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 deadline_of(context),
             )
         response = pb.InterpolateResponse(model_version=engine.version.version)
+        fill_tensor(response.images, images)
+        fill_tensor(response.latents, latents)
+        return response
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        async with self._lease(request, context) as engine:
+            result = await engine.score(
+                tensor_from_proto(request.images, "images"),
+                request.importance_samples,
+                request.seed if request.HasField("seed") else None,
+                deadline_of(context),
+            )
+        return pb.ScoreResponse(scores=image_scores_to_proto(result), model_version=engine.version.version)
+
+    async def Reconstruct(
+        self, request: pb.ReconstructRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReconstructResponse:
+        async with self._lease(request, context) as engine:
+            images, latents, result = await engine.reconstruct(
+                tensor_from_proto(request.images, "images"),
+                request.sample_posterior,
+                request.seed if request.HasField("seed") else None,
+                output_dtype_from_proto(request.output_dtype),
+                deadline_of(context),
+            )
+        response = pb.ReconstructResponse(scores=image_scores_to_proto(result), model_version=engine.version.version)
+        fill_tensor(response.images, images)
+        fill_tensor(response.latents, latents)
+        return response
+
+    async def Traverse(self, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
+        async with self._lease(request, context) as engine:
+            images, latents, dimensions, values = await engine.traverse(
+                tensor_from_proto(request.origin, "origin"),
+                list(request.dimensions),
+                request.low if request.HasField("low") else None,
+                request.high if request.HasField("high") else None,
+                request.steps if request.HasField("steps") else None,
+                request.relative,
+                output_dtype_from_proto(request.output_dtype),
+                deadline_of(context),
+            )
+        response = pb.TraverseResponse(
+            dimensions=dimensions,
+            values=values.tolist(),
+            active_dimensions=engine.version.active_dimensions or (),
+            model_version=engine.version.version,
+        )
         fill_tensor(response.images, images)
         fill_tensor(response.latents, latents)
         return response
@@ -131,8 +192,10 @@ def _sample_arguments(request: pb.SampleRequest) -> tuple[int, int | None, float
     )
 
 
-def _sample_response(images: np.ndarray, latents: np.ndarray, engine: VaeEngine) -> pb.SampleResponse:
-    response = pb.SampleResponse(model_version=engine.version.version)
+def _sample_response(
+    images: np.ndarray, latents: np.ndarray, engine: VaeEngine, seed: int, offset: int
+) -> pb.SampleResponse:
+    response = pb.SampleResponse(model_version=engine.version.version, seed=seed, offset=offset)
     fill_tensor(response.images, images)
     fill_tensor(response.latents, latents)
     return response

@@ -173,7 +173,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics = Metrics(SERVICE_METHODS)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
     models = ModelManager(
-        config.model, config.runtime, config.batching, config.limits, executor, metrics, reply_fits(config)
+        config.model,
+        config.runtime,
+        config.batching,
+        config.limits,
+        executor,
+        metrics,
+        reply_fits(config),
+        config.telemetry,
     )
     await models.start()
     server, interceptor, health = await build_grpc_server(config, models, metrics)

@@ -4,10 +4,10 @@
     make docs                              regenerates docs/configuration.md from these definitions
 
 Each setting is defined once, in the dataclass of the component that uses it (`ModelSource` in the model
-manager, `BatchPolicy` in the batcher, `RuntimeOptions` in the runtime, `RequestLimits` in the engine, the
-process's own below), and
-the server hands each component its section as it is. A flag wins over its variable, the variable over
-the default; a bad value stops the server with one line naming the flag or variable.
+manager, `BatchPolicy` in the batcher, `RuntimeOptions` in the runtime, `RequestLimits` and `ScoreTelemetry`
+in the engine, the process's own below), and the server hands each component its section as it is. A flag
+wins over its variable, the variable over the default; a bad value stops the server with one line
+naming the flag or variable.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Literal
 
 from serving import settings
 from serving.dataplane.batcher import BatchPolicy
-from serving.dataplane.engine import RequestLimits
+from serving.dataplane.engine import RequestLimits, ScoreTelemetry
 from serving.dataplane.manager import ModelSource
 from serving.dataplane.runtime import RuntimeOptions
 from serving.settings import SettingError, check_settings, section, setting
@@ -121,6 +121,7 @@ class ServerConfig:
     runtime: RuntimeOptions = section(RuntimeOptions, "onnxruntime")
     batching: BatchPolicy = section(BatchPolicy, "batching")
     limits: RequestLimits = section(RequestLimits, "request limits")
+    telemetry: ScoreTelemetry = section(ScoreTelemetry, "input telemetry")
     process: ProcessOptions = section(ProcessOptions, "shutdown and logs")
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -71,7 +72,8 @@ def test_a_request_whose_deadline_passes_in_the_queue_never_runs(patient_server:
 
 
 def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_repository: Path) -> None:
-    with running_server(exported_repository, max_delay_ms=0) as server, VaeClient(server.target) as client:
+    config = {"max_delay_ms": 0, "encode_score_fraction": 1.0}  # every Encode input scored too (after its reply)
+    with running_server(exported_repository, **config) as server, VaeClient(server.target) as client:
         client.encode(np.zeros((3, 1, 28, 28), np.float32))
         client.encode(np.zeros((2, 1, 28, 28), np.float32))
         client.decode(np.zeros((5, 20), np.float32))
@@ -79,8 +81,12 @@ def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_re
         list(client.sample_stream(10, seed=1))
         client.interpolate(np.zeros((2, 1, 28, 28), np.float32), np.ones((2, 1, 28, 28), np.float32), steps=3)
         client.model_info()
+        scored = client.score(np.full((4, 1, 28, 28), 0.5, np.float32), importance_samples=2)
+        client.reconstruct(np.zeros((3, 1, 28, 28), np.float32))
+        client.traverse(np.zeros((1, 20), np.float32), dimensions=[0, 1], steps=3)
         with pytest.raises(VaeError):
             client.decode(np.zeros((1, 3), np.float32))
+        wait_until(lambda: server.metric("vae_input_score_nats_count") == 5 + 4 + 3, what="Encode's inputs scored")
         samples = scrape(server.metrics_url)
 
     def value(metric: str, **labels: str) -> float:
@@ -89,16 +95,19 @@ def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_re
         return matches[0]
 
     ok = {"Encode": 2, "Decode": 1, "Sample": 1, "SampleStream": 1, "Interpolate": 1, "GetModelInfo": 1}
+    ok |= {"Score": 1, "Reconstruct": 1, "Traverse": 1}
     for method in METHODS:
         assert value("vae_requests_total", method=method, code="OK") == ok[method]
         assert value("vae_request_duration_seconds_count", method=method) == ok[method] + (method == "Decode")
     assert value("vae_requests_total", method="Decode", code="INVALID_ARGUMENT") == 1
     items = {"Encode": 5, "Decode": 5, "Sample": 4, "SampleStream": 10, "Interpolate": 6, "GetModelInfo": 0}
+    items |= {"Score": 4, "Reconstruct": 3, "Traverse": 6}
     for method, count in items.items():
         assert value("vae_request_items_sum", method=method) == count
-    assert value("vae_batch_rows_sum", graph="encoder") == 3 + 2 + 4  # interpolate encodes its 2 + 2 endpoints
-    assert value("vae_batch_rows_sum", graph="decoder") == 5 + 4 + 10 + 6
-    assert value("vae_batch_rows_count", graph="encoder") == 3  # delay 0 and sequential calls: one run each
+    # Interpolate encodes its 2 + 2 endpoints; Score decodes each image's mean and its 2 importance samples.
+    assert value("vae_batch_rows_sum", graph="encoder") == 3 + 2 + 4 + 4 + 3
+    assert value("vae_batch_rows_sum", graph="decoder") == 5 + 4 + 10 + 6 + 4 * 3 + 3 + 6 + (3 + 2)
+    assert value("vae_batch_rows_count", graph="encoder") == 5  # delay 0 and sequential calls: one run each
     for graph in GRAPHS:
         runs = value("vae_batch_rows_count", graph=graph)
         assert value("vae_inference_seconds_count", graph=graph) == runs
@@ -106,6 +115,14 @@ def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_re
         assert value("vae_queue_depth", graph=graph) == 0
     assert value("vae_inflight_requests") == 0
     assert value("vae_model_info", name="vae-mnist", version="1", provider="CPUExecutionProvider") == 1
+    # What the server saw of its inputs: scores (Encode's, Score's, Reconstruct's) and posterior-mean norms.
+    assert value("vae_input_score_nats_count", version="1") == 5 + 4 + 3
+    assert value("vae_latent_norm_count", version="1") == 5 + 4 + 3
+    score_sum = value("vae_input_score_nats_sum", version="1")
+    assert score_sum > float(scored.negative_elbo.sum()) > 0  # the gray images' scores are part of the sum
+    baseline = json.loads((exported_repository / "1" / "model.json").read_text())["baseline"]["score_quantiles"]
+    for quantile, nats in baseline.items():
+        assert value("vae_model_score_baseline_nats", version="1", quantile=quantile) == pytest.approx(nats)
     assert "process_cpu_seconds_total" in samples and "python_info" in samples
 
 

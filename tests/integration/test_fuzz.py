@@ -27,6 +27,7 @@ MAX_ITEMS = 64
 MAX_STEPS = 16
 MAX_STREAM_SAMPLES = 256
 MAX_MESSAGE_BYTES = 256 * 1024
+MAX_IMPORTANCE_SAMPLES = 8
 TIMEOUT_S = 30.0  # a hang is a failure: no fuzzed call may need anything near this
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -41,6 +42,7 @@ def fuzz_server(exported_repository: Path) -> Iterator[ServerThread]:
         max_interpolation_steps=MAX_STEPS,
         max_stream_samples=MAX_STREAM_SAMPLES,
         max_message_bytes=MAX_MESSAGE_BYTES,
+        max_importance_samples=MAX_IMPORTANCE_SAMPLES,
     ) as server:
         yield server
 
@@ -117,15 +119,20 @@ SEEDS = st.one_of(st.none(), st.integers(0, 2**64 - 1))
 TEMPERATURES = st.one_of(st.none(), st.floats(width=32), st.sampled_from([0.0, -1.0, 10.0, 10.001, 1e-30]))
 
 
+OFFSETS = st.one_of(st.just(0), st.integers(0, 2**64 - 1))
+U32 = st.one_of(st.integers(0, 20), st.integers(0, 2**32 - 1))
+
+
 def sample_requests(counts: st.SearchStrategy[int]) -> st.SearchStrategy[pb.SampleRequest]:
     return st.builds(
-        lambda n, seed, temperature, dtype: make(
-            pb.SampleRequest, num_samples=n, seed=seed, temperature=temperature, output_dtype=dtype
+        lambda n, seed, temperature, dtype, offset: make(
+            pb.SampleRequest, num_samples=n, seed=seed, temperature=temperature, output_dtype=dtype, offset=offset
         ),
         counts,
         SEEDS,
         TEMPERATURES,
         ENUMS,
+        OFFSETS,
     )
 
 
@@ -253,6 +260,74 @@ def test_interpolate_answers_any_endpoints_steps_and_method(
     assert_server_answers_correctly(fuzz_server, stub, exported_repository)
 
 
+def test_score_answers_any_images_and_importance_samples(
+    fuzz_server: ServerThread, stub: pb_grpc.VaeServiceStub, exported_repository: Path
+) -> None:
+    @given(tensors("images"), U32, SEEDS)
+    def score(images: pb.Tensor, samples: int, seed: int | None) -> None:
+        request = make(pb.ScoreRequest, images=images, importance_samples=samples, seed=seed)
+        code, reply = outcome(lambda: stub.Score(request, timeout=TIMEOUT_S))
+        if code == grpc.StatusCode.OK:
+            assert len(reply.scores) == images.shape[0] <= MAX_ITEMS
+            assert samples <= MAX_IMPORTANCE_SAMPLES and images.shape[0] * samples <= MAX_ITEMS
+            for row in reply.scores:
+                assert np.isfinite([row.negative_elbo, row.kl, row.complexity, row.corrected]).all()
+                assert row.kl >= 0 and row.reconstruction >= 0 and row.HasField("iwae") == (samples > 0)
+
+    score()
+    assert_server_answers_correctly(fuzz_server, stub, exported_repository)
+
+
+def test_reconstruct_answers_any_images_seed_and_dtype(
+    fuzz_server: ServerThread, stub: pb_grpc.VaeServiceStub, exported_repository: Path
+) -> None:
+    @given(tensors("images"), st.booleans(), SEEDS, ENUMS)
+    def reconstruct(images: pb.Tensor, sample_posterior: bool, seed: int | None, dtype: int) -> None:
+        request = make(
+            pb.ReconstructRequest, images=images, sample_posterior=sample_posterior, seed=seed, output_dtype=dtype
+        )
+        code, reply = outcome(lambda: stub.Reconstruct(request, timeout=TIMEOUT_S))
+        if code == grpc.StatusCode.OK:
+            assert shape(reply.latents) == [images.shape[0], LATENT_DIM] and len(reply.scores) == images.shape[0]
+            assert_images_in_unit_range(reply.images)
+
+    reconstruct()
+    assert_server_answers_correctly(fuzz_server, stub, exported_repository)
+
+
+def test_traverse_answers_any_origin_dimensions_range_and_steps(
+    fuzz_server: ServerThread, stub: pb_grpc.VaeServiceStub, exported_repository: Path
+) -> None:
+    kinds = st.sampled_from(["images", "latents"])
+    dimensions = st.lists(st.one_of(st.integers(0, LATENT_DIM), st.integers(0, 2**32 - 1)), max_size=6)
+    ends = st.one_of(st.none(), st.floats(width=32), st.sampled_from([-3.0, 3.0, 1e4, 1e5]))
+    steps = st.one_of(st.none(), U32)
+
+    @given(kinds.flatmap(tensors), dimensions, ends, ends, steps, st.booleans(), ENUMS)
+    def traverse(
+        origin: pb.Tensor, dims: list[int], low: float | None, high: float | None, n: int | None, rel: bool, dtype: int
+    ) -> None:
+        request = make(
+            pb.TraverseRequest,
+            origin=origin,
+            dimensions=dims,
+            low=low,
+            high=high,
+            steps=n,
+            relative=rel,
+            output_dtype=dtype,
+        )
+        code, reply = outcome(lambda: stub.Traverse(request, timeout=TIMEOUT_S))
+        if code == grpc.StatusCode.OK:
+            rows = len(dims) or LATENT_DIM
+            assert origin.shape[0] == 1 and shape(reply.latents) == [rows, 9 if n is None else n, LATENT_DIM]
+            assert list(reply.dimensions) == (dims or list(range(LATENT_DIM)))
+            assert_images_in_unit_range(reply.images)
+
+    traverse()
+    assert_server_answers_correctly(fuzz_server, stub, exported_repository)
+
+
 # ---- raw bytes on the wire ------------------------------------------------------------------------------
 
 VALID_REQUESTS: dict[str, bytes] = {
@@ -275,6 +350,22 @@ VALID_REQUESTS: dict[str, bytes] = {
         method=2,
     ).SerializeToString(),
     "GetModelInfo": b"",
+    "Score": make(
+        pb.ScoreRequest,
+        images=make(pb.Tensor, shape=[2, 1, 28, 28], dtype=2, data=bytes(2 * 784)),
+        importance_samples=3,
+    ).SerializeToString(),
+    "Reconstruct": make(
+        pb.ReconstructRequest,
+        images=make(pb.Tensor, shape=[1, 1, 28, 28], dtype=2, data=bytes(784)),
+        sample_posterior=True,
+    ).SerializeToString(),
+    "Traverse": make(
+        pb.TraverseRequest,
+        origin=make(pb.Tensor, shape=[1, LATENT_DIM], dtype=1, data=np.zeros(LATENT_DIM, "<f4").tobytes()),
+        dimensions=[0, 5],
+        steps=3,
+    ).SerializeToString(),
 }
 
 

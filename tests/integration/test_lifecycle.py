@@ -22,7 +22,15 @@ from PIL import Image
 from serving.client import VaeClient, VaeError
 from serving.client import cli as client_cli
 from serving.server.app import StartupError, start_server
-from tests.helpers import DirectGraphs, ServerProcess, ServerThread, scrape, server_config, wait_until
+from tests.helpers import (
+    DirectGraphs,
+    ServerProcess,
+    ServerThread,
+    mnist_5k_images,
+    scrape,
+    server_config,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -136,7 +144,7 @@ def test_cli_sample_writes_a_png_grid(
     output = tmp_path / "samples.png"
     argv = ["--target", vae_server.target, "sample", "-n", "64", "--seed", "1", "-o", str(output)]
     assert client_cli.main(argv) == 0
-    assert capsys.readouterr().out == f"wrote {output}: 64 samples (seed 1) from version 1\n"
+    assert capsys.readouterr().out == f"wrote {output}: 64 samples (rows 0..63 of seed 1) from version 1\n"
     with Image.open(output) as image:
         assert image.mode == "L" and image.size == (8 * 30 + 2, 8 * 30 + 2)  # 8 x 8 digits, 2-pixel gaps
         first = np.asarray(image)
@@ -156,6 +164,59 @@ def test_cli_interpolate_writes_a_strip(
     assert "10 images" in capsys.readouterr().out
     with Image.open(output) as image:
         assert image.size == (10 * 30 + 2, 32)
+
+
+def test_cli_sample_offset_regenerates_one_cell_of_a_grid(
+    vae_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--target", vae_server.target, "sample", "--seed", "4"]
+    assert client_cli.main([*target, "-n", "4", "--columns", "4", "-o", str(tmp_path / "row.png")]) == 0
+    assert client_cli.main([*target, "-n", "1", "--offset", "2", "-o", str(tmp_path / "third.png")]) == 0
+    assert "rows 2..2 of seed 4" in capsys.readouterr().out
+    with Image.open(tmp_path / "row.png") as row, Image.open(tmp_path / "third.png") as third:
+        np.testing.assert_array_equal(np.asarray(row)[2:30, 62:90], np.asarray(third)[2:30, 2:30])
+
+
+def digit_files(tmp_path: Path, count: int) -> list[Path]:
+    paths = []
+    for index, image in enumerate(mnist_5k_images(count).numpy()):
+        paths.append(tmp_path / f"digit{index}.png")
+        Image.fromarray(np.rint(image[0] * 255).astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_cli_score_prints_a_table_with_the_client_s_numbers(
+    vae_server: ServerThread, vae_client: VaeClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = digit_files(tmp_path, 2)
+    argv = ["--target", vae_server.target, "score", *map(str, paths), "--importance-samples", "4"]
+    assert client_cli.main(argv) == 0
+    header, *rows, footer = capsys.readouterr().out.splitlines()
+    assert header.split() == ["image", "negative_elbo", "reconstruction", "kl", "complexity", "corrected", "iwae"]
+    images = np.stack([np.asarray(Image.open(path))[None] for path in paths])
+    expected = vae_client.score(images, importance_samples=4)
+    assert expected.iwae is not None
+    for path, row, nelbo, iwae in zip(paths, rows, expected.negative_elbo, expected.iwae, strict=True):
+        cells = row.split()
+        assert cells[0] == str(path)
+        assert float(cells[1]) == pytest.approx(nelbo, abs=0.006) and float(cells[6]) == pytest.approx(iwae, abs=0.006)
+    assert "nats" in footer
+
+
+def test_cli_reconstruct_and_traverse_write_grids(
+    vae_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = digit_files(tmp_path, 3)
+    target = ["--target", vae_server.target]
+    assert client_cli.main([*target, "reconstruct", *map(str, paths), "-o", str(tmp_path / "r.png")]) == 0
+    with Image.open(tmp_path / "r.png") as grid:
+        assert grid.size == (2 * 30 + 2, 3 * 30 + 2)  # (image, reconstruction) per row
+        np.testing.assert_array_equal(np.asarray(grid)[2:30, 2:30], np.asarray(Image.open(paths[0])))
+    traverse = [*target, "traverse", str(paths[0]), "--dimensions", "0", "3", "--steps", "5", "-o"]
+    assert client_cli.main([*traverse, str(tmp_path / "t.png")]) == 0
+    assert "dimensions [0, 3] (one per row) over -3..3" in capsys.readouterr().out.splitlines()[-1]
+    with Image.open(tmp_path / "t.png") as grid:
+        assert grid.size == (5 * 30 + 2, 2 * 30 + 2)
 
 
 def test_cli_info_prints_the_model_as_json(vae_server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:

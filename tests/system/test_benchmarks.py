@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, running_server
 
 
@@ -71,3 +73,27 @@ def test_serving_sweep_writes_results_plot_and_summary(exported_repository: Path
     for mode in modes:
         assert 0 < report["process"][mode]["startup_to_serving_s"] < 60
         assert report["process"][mode]["rss_bytes"] > 10_000_000
+
+
+def test_model_rpcs_compares_every_vae_rpc_with_encode_and_decode(exported_repository: Path) -> None:
+    result = run_module(
+        "bench.model_rpcs", "--model-dir", str(exported_repository), "--seconds", "0.3", "--rounds", "1",
+        "--concurrency", "2", timeout=180,
+    )  # fmt: skip
+    report = json.loads(result.stdout.splitlines()[-1])
+    by_rpc = {row["rpc"]: row for row in report["results"]}
+    assert set(by_rpc) == {"encode", "decode", "score", "score-iwae8", "reconstruct", "traverse", "interpolate"}
+    assert all(row["requests_per_s"] > 0 and row["p50_ms"] > 0 for row in by_rpc.values())
+    encode, decode = (1 / by_rpc[rpc]["requests_per_s"] for rpc in ("encode", "decode"))
+    assert by_rpc["encode"]["ratio"] == pytest.approx(encode / (encode + decode), rel=1e-6)
+
+
+def test_ood_benchmark_trains_two_models_and_reports_auroc_of_each_score(tmp_path: Path) -> None:
+    out = tmp_path / "ood.json"
+    run_module("bench.ood", "--quick", "--importance-samples", "2", "--out", str(out), timeout=400)
+    report = json.loads(out.read_text())
+    assert [case["case"][:3] for case in report["cases"]] == ["(a)", "(b)"]
+    for case in report["cases"]:
+        assert set(case["auroc"]) == {"negative_elbo", "corrected", "iwae"}
+        assert all(0.0 <= value <= 1.0 for value in case["auroc"].values())
+        assert case["in_distribution_images"] == case["out_of_distribution_images"] == 64

@@ -17,12 +17,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 
 from serving.dataplane.repository import list_versions, load_version
-from tests.helpers import mnist_5k_images, train_tiny_checkpoint
+from tests.helpers import DirectGraphs, mnist_5k_images, train_tiny_checkpoint
 from training import export as export_module
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.export import OPSET, ExportError, check_parity, main, publish, staging_directory
+from training.data import load_dataset
+from training.export import OPSET, ExportError, check_parity, export, main, publish, staging_directory
 from training.model import VAE, VAEConfig
 
 
@@ -80,6 +82,32 @@ def test_manifest_describes_the_version(exported_repository: Path) -> None:
     assert manifest["parity"]["batch_sizes"] == [1, 7, 256]
     assert max(manifest["parity"]["max_abs_diff"].values()) <= 1e-5
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", manifest["created_at"])
+
+
+def test_the_baseline_is_the_graphs_scores_of_the_validation_split(exported_repository: Path) -> None:
+    baseline = json.loads((exported_repository / "1" / "model.json").read_text())["baseline"]
+    validation = load_dataset("mnist-5k").validation.images  # the tiny checkpoint's data, split as in training
+    graphs = DirectGraphs(exported_repository)
+    mu, log_var = graphs.encode(validation.numpy())
+    decoded = torch.tensor(graphs.decode(mu))
+    reconstruction = F.binary_cross_entropy(decoded, validation, reduction="none").flatten(1).sum(1).double().numpy()
+    kl = -0.5 * (1 + log_var.astype(np.float64) - mu.astype(np.float64) ** 2 - np.exp(log_var.astype(np.float64)))
+    scores = reconstruction + kl.sum(1)
+    assert (baseline["dataset"], baseline["split"], baseline["images"]) == ("mnist-5k", "validation", len(validation))
+    for quantile, nats in baseline["score_quantiles"].items():
+        assert nats == pytest.approx(np.quantile(scores, float(quantile)), abs=0.01)
+    assert list(baseline["score_quantiles"]) == ["0.01", "0.05", "0.5", "0.95", "0.99"]
+    np.testing.assert_allclose(baseline["kl_per_dim"], kl.mean(0), atol=1e-4)
+    assert baseline["active_dimensions"] == [d for d, value in enumerate(kl.mean(0)) if value > 0.01]
+
+
+def test_export_without_the_training_data_has_no_baseline_and_says_so(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = export(tiny_checkpoint, tmp_path, "vae-mnist", data_dir=tmp_path / "no-such-dir")
+    assert "baseline" not in json.loads((target / "model.json").read_text())
+    assert "warning: exporting without a validation baseline" in capsys.readouterr().err
+    assert load_version(tmp_path / "vae-mnist").score_quantiles == {}
 
 
 def test_repeated_export_makes_version_2_and_version_force_behave(

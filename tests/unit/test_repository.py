@@ -125,6 +125,9 @@ def test_missing_or_malformed_manifest_is_refused(
         (lambda m: m.update(format_version=99), r"format_version 99 is not supported"),
         (lambda m: m["graphs"]["encoder"]["inputs"][0].update(name=3), r"graphs\.encoder\.inputs\.0\.name must be str"),
         (lambda m: m.update(graphs=[]), r"model\.json: missing field graphs\.encoder\.file"),
+        (lambda m: m["baseline"].update(active_dimensions=[20]), r"model\.json: baseline must hold .* \[0, 20\)"),
+        (lambda m: m["baseline"]["score_quantiles"].update({"0.5": "high"}), r"baseline must hold score_quantiles"),
+        (lambda m: m.update(baseline=[]), r"model\.json: baseline must hold"),
     ],
 )
 def test_manifest_inconsistent_with_the_contract_is_refused(

@@ -1,0 +1,100 @@
+"""How well the model explains an image, in nats, from the graphs' outputs: numpy in, numpy out.
+
+- reconstruction: -log p(x|z), the decoder's Bernoulli pixels (binary cross-entropy summed over pixels, each
+  log clamped at -100 as PyTorch's BCE does, so a pixel the decoder is certain about costs at most 100 nats).
+- kl: KL(N(mu, exp(log_var)) || N(0, I)) in closed form.
+- negative ELBO: reconstruction at the posterior mean + kl. Deterministic, so the same image always gets the
+  same score: what the server's drift histogram and the manifest's baseline quantiles use.
+- complexity: L(x), the image as 8-bit pixels compressed with DEFLATE (zlib level 9, PNG's coder, one filter
+  byte per row as in a PNG without its fixed-size headers), in nats. Serrà et al. (ICLR 2020) subtract it:
+  corrected = negative ELBO - L(x), because raw likelihood ranks simple images as the most likely whatever
+  the training data was.
+- iwae: -log of the K-sample importance-weighted bound (Burda et al.): tighter than the negative ELBO,
+  approaching -log p(x) as K grows.
+These are also what `training.export` computes the validation baseline with, so server and manifest agree.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+LOG_CLAMP = -100.0  # PyTorch's binary_cross_entropy clamps each log at -100
+_LOG_2PI = math.log(2.0 * math.pi)
+_NATS_PER_BIT = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """Per-image figures, each [N] float64 (iwae None unless importance samples were asked for)."""
+
+    reconstruction: np.ndarray
+    kl: np.ndarray
+    complexity: np.ndarray
+    latent_norm: np.ndarray
+    iwae: np.ndarray | None = None
+
+    @property
+    def negative_elbo(self) -> np.ndarray:
+        return self.reconstruction + self.kl
+
+    @property
+    def corrected(self) -> np.ndarray:
+        return self.negative_elbo - self.complexity
+
+
+def reconstruction_nats(images: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """-log p(x|z) per image: images [N, ...] in [0, 1] and Bernoulli means decoded [..., N, ...] → [..., N]."""
+    x = images.astype(np.float64).reshape(images.shape[0], -1)
+    p = decoded.astype(np.float64).reshape(*decoded.shape[: decoded.ndim - images.ndim + 1], -1)
+    with np.errstate(divide="ignore"):
+        log_p = np.maximum(np.log(p), LOG_CLAMP)
+        log_not_p = np.maximum(np.log1p(-p), LOG_CLAMP)
+    return -(x * log_p + (1.0 - x) * log_not_p).sum(axis=-1)
+
+
+def kl_nats(mu: np.ndarray, log_var: np.ndarray) -> np.ndarray:
+    """KL(q(z|x) || N(0, I)) per row, [N]."""
+    mu, log_var = mu.astype(np.float64), log_var.astype(np.float64)
+    return 0.5 * (mu * mu + np.exp(log_var) - 1.0 - log_var).sum(axis=-1)
+
+
+def complexity_nats(images: np.ndarray) -> np.ndarray:
+    """L(x) per image: DEFLATE-compressed length of its 8-bit rows (a PNG's image data, filter 0), in nats."""
+    pixels = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8).reshape(images.shape[0], -1, images.shape[-1])
+    rows = np.concatenate([np.zeros((*pixels.shape[:2], 1), np.uint8), pixels], axis=2)  # PNG's filter byte
+    return np.array([8 * len(zlib.compress(image.tobytes(), 9)) * _NATS_PER_BIT for image in rows])
+
+
+def iwae_nats(
+    images: np.ndarray, mu: np.ndarray, log_var: np.ndarray, eps: np.ndarray, decoded: np.ndarray
+) -> np.ndarray:
+    """-log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x) per image, for z_k = mu + exp(log_var / 2)·eps_k.
+
+    eps [K, N, D] and decoded [K, N, ...] (the decoder's output at each z_k); returns [N].
+    """
+    mu64, log_var64, eps64 = mu.astype(np.float64), log_var.astype(np.float64), eps.astype(np.float64)
+    z = mu64 + np.exp(0.5 * log_var64) * eps64
+    log_px_z = -reconstruction_nats(images, decoded)
+    log_pz = -0.5 * (z * z + _LOG_2PI).sum(axis=-1)
+    log_qz_x = -0.5 * (eps64 * eps64 + _LOG_2PI + log_var64).sum(axis=-1)
+    log_weights = log_px_z + log_pz - log_qz_x  # [K, N]
+    top = log_weights.max(axis=0)
+    bound = top + np.log(np.exp(log_weights - top).mean(axis=0))
+    return -bound
+
+
+def score(
+    images: np.ndarray, mu: np.ndarray, log_var: np.ndarray, decoded: np.ndarray, iwae: np.ndarray | None = None
+) -> ImageScores:
+    """Every figure for images [N, ...] from their posterior (mu, log_var) and the decoder's output at the z used."""
+    return ImageScores(
+        reconstruction=reconstruction_nats(images, decoded),
+        kl=kl_nats(mu, log_var),
+        complexity=complexity_nats(images),
+        latent_norm=np.linalg.norm(mu.astype(np.float64), axis=-1),
+        iwae=iwae,
+    )

@@ -1,0 +1,77 @@
+"""The score arithmetic and the addressable draws, against independent references (torch, training.evaluate)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from serving.dataplane import scores
+from serving.dataplane.draws import normal_rows
+from training.evaluate import iwae_bound
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**40), st.integers(1, 40), st.integers(1, 33))
+def test_a_row_is_the_same_whatever_the_request_it_is_drawn_in(seed: int, offset: int, rows: int, dim: int) -> None:
+    block = normal_rows(seed, offset, rows, dim)
+    assert block.shape == (rows, dim) and block.dtype == np.float32
+    for k in {0, rows // 2, rows - 1}:
+        np.testing.assert_array_equal(normal_rows(seed, offset + k, 1, dim)[0], block[k])
+    split = rows // 3
+    np.testing.assert_array_equal(
+        np.concatenate([normal_rows(seed, offset, split, dim), normal_rows(seed, offset + split, rows - split, dim)]),
+        block,
+    )
+
+
+def test_draws_are_standard_normal_and_independent_across_rows_and_seeds() -> None:
+    draws = normal_rows(0, 0, 20_000, 20).astype(np.float64)
+    assert abs(draws.mean()) < 0.01 and abs(draws.std() - 1) < 0.01
+    assert abs(np.mean(draws**4) - 3) < 0.1  # normal kurtosis, not uniform's 1.8
+    assert abs(np.corrcoef(draws[:-1, 0], draws[1:, 0])[0, 1]) < 0.03  # neighbouring rows unrelated
+    assert not np.array_equal(normal_rows(1, 0, 4, 20), normal_rows(2, 0, 4, 20))
+
+
+def test_reconstruction_equals_torch_binary_cross_entropy_including_its_clamp() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 1, 28, 28)).astype(np.float32)
+    decoded = rng.random((4, 1, 28, 28)).astype(np.float32)
+    decoded[0, 0, 0, :3] = [0.0, 1.0, 0.5]  # certain pixels: torch clamps each log at -100
+    expected = F.binary_cross_entropy(torch.tensor(decoded), torch.tensor(images), reduction="none").flatten(1).sum(1)
+    np.testing.assert_allclose(scores.reconstruction_nats(images, decoded), expected.double().numpy(), rtol=1e-5)
+
+
+def test_kl_is_zero_at_the_prior_and_matches_the_closed_form() -> None:
+    assert scores.kl_nats(np.zeros((1, 5)), np.zeros((1, 5)))[0] == 0
+    mu, log_var = np.array([[1.0, -2.0]]), np.array([[0.5, -1.0]])
+    expected = sum(0.5 * (m * m + math.exp(v) - 1 - v) for m, v in zip(mu[0], log_var[0], strict=True))
+    assert scores.kl_nats(mu, log_var)[0] == pytest.approx(expected)
+
+
+def test_complexity_is_the_deflated_length_of_the_png_rows_in_nats() -> None:
+    image = np.zeros((1, 1, 28, 28), np.float32)
+    image[0, 0, 10:18, 12:16] = 1.0
+    rows = b"".join(b"\0" + bytes(row) for row in np.rint(image[0, 0] * 255).astype(np.uint8))
+    assert scores.complexity_nats(image)[0] == pytest.approx(8 * len(zlib.compress(rows, 9)) * math.log(2))
+
+
+def test_iwae_matches_the_training_code_s_bound_on_the_same_log_weights() -> None:
+    rng = np.random.default_rng(1)
+    k, n, d = 7, 3, 4
+    images = (rng.random((n, 1, 2, 2)) > 0.5).astype(np.float32)
+    mu, log_var = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 0.3
+    eps = rng.normal(size=(k, n, d))
+    decoded = rng.uniform(0.05, 0.95, size=(k, n, 1, 2, 2))
+    z = mu + np.exp(0.5 * log_var) * eps
+    log_px = -scores.reconstruction_nats(images, decoded)
+    log_pz = -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
+    log_q = -0.5 * (eps**2 + math.log(2 * math.pi) + log_var).sum(-1)
+    expected = -iwae_bound(torch.tensor((log_px + log_pz - log_q).T)).numpy()
+    np.testing.assert_allclose(scores.iwae_nats(images, mu, log_var, eps, decoded), expected, rtol=1e-10)
+    assert (scores.iwae_nats(images, mu, log_var, eps, decoded) <= -(log_px + log_pz - log_q).mean(0) + 1e-12).all()
