@@ -12,6 +12,7 @@ DOCUMENTS = [
     ROOT / "SECURITY.md",
     ROOT / "deploy" / "README.md",
     *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "examples").glob("*/README.md")),
 ]
 
 
