@@ -243,6 +243,7 @@ def test_pods_spread_over_nodes_and_zones(rendered) -> None:
     assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
     for constraint in spread.values():
         assert constraint["maxSkew"] == 1
+        assert constraint["nodeTaintsPolicy"] == "Honor"  # untolerated nodes would keep pods Pending otherwise
         assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
 
 
