@@ -59,7 +59,7 @@ docs: install ## regenerate docs/configuration.md from the settings' definitions
 	$(PY) docs/generate.py
 
 deploy-check: install ## render + validate the k8s manifests, alert rules (promtool), dashboard and Dockerfile
-	$(PY) -m pytest tests/test_deploy.py
+	$(PY) -m pytest tests/system/test_deploy.py tests/system/test_alerting.py
 
 MODEL ?=
 IMAGE ?= vae-server

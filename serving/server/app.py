@@ -6,7 +6,9 @@ Every flag has an environment twin (`--help` lists them). Health reports SERVING
 "vae.v1.VaeService" once a version is loaded and warmed up, and stays SERVING while versions come and go
 (`serving.dataplane.manager`: polled every `--poll-seconds`, and at once on SIGHUP). On SIGTERM or SIGINT
 the server drains: health goes NOT_SERVING, new requests get UNAVAILABLE, requests in flight have
-`--grace-seconds` to finish, then the process exits 0. Log lines are JSON, one per event, on stderr.
+`--grace-seconds` to finish, then the process exits 0. With `--health-port`, a second, plaintext listener
+serves the same health status and nothing else, for probes that cannot speak the gRPC port's TLS. Log lines
+are JSON, one per event, on stderr.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class RunningServer:
     server: grpc.aio.Server
     metrics_http: WSGIServer
     executor: ThreadPoolExecutor
+    health_server: grpc.aio.Server | None = None  # the plaintext health-only listener (--health-port)
+    health_port: int | None = None
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let those in flight finish within the grace period, stop."""
@@ -75,6 +79,8 @@ class RunningServer:
         if await self.interceptor.drain(grace):
             await asyncio.sleep(min(DRAIN_LINGER_SECONDS, grace))
         await self.server.stop(max(0.0, grace - (time.perf_counter() - started)))
+        if self.health_server is not None:  # answered NOT_SERVING throughout the drain; now it goes too
+            await self.health_server.stop(None)
         await self.models.close()
         self.executor.shutdown(wait=True)
         self.metrics_http.shutdown()
@@ -139,6 +145,28 @@ async def build_grpc_server(
     return server, interceptor, health
 
 
+async def start_health_listener(
+    health: health_aio.HealthServicer, config: ServerConfig
+) -> tuple[grpc.aio.Server, int] | tuple[None, None]:
+    """The --health-port listener: plaintext, grpc.health.v1 only, sharing the main port's health status.
+
+    The kubelet's gRPC probes speak neither TLS nor mutual TLS; this port lets them ask whatever the gRPC port
+    requires, and reveals nothing but the serving status. It is a server of its own, so probes are neither
+    counted against --max-concurrent-rpcs nor seen by the request interceptor.
+    """
+    if config.network.health_port is None:
+        return None, None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{config.network.host}:{config.network.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen for health checks on {address}: {exc}") from None
+    await server.start()
+    return server, port
+
+
 def listen(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None) -> int:
     """Bind the gRPC port (TLS with `credentials`, else plaintext); returns the port bound."""
     address = f"{config.network.host}:{config.network.port}"
@@ -186,6 +214,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     server, interceptor, health = await build_grpc_server(config, models, metrics)
     grpc_port = listen(server, config, credentials)
     metrics_http, metrics_port = serve_metrics(metrics, config)
+    health_server, health_port = await start_health_listener(health, config)
     await server.start()
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -195,6 +224,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
             "fields": {
                 "grpc_address": f"{config.network.host}:{grpc_port}",
                 "metrics_address": f"{config.network.host}:{metrics_port}",
+                "health_address": None if health_port is None else f"{config.network.host}:{health_port}",
                 "transport": config.tls.transport,
                 "versions": [row.version for row in models.status() if row.state == "AVAILABLE"],
                 "startup_seconds": round(time.perf_counter() - started, 3),
@@ -203,7 +233,18 @@ async def start_server(config: ServerConfig) -> RunningServer:
         },
     )
     return RunningServer(
-        config, grpc_port, metrics_port, models, interceptor, metrics, health, server, metrics_http, executor
+        config,
+        grpc_port,
+        metrics_port,
+        models,
+        interceptor,
+        metrics,
+        health,
+        server,
+        metrics_http,
+        executor,
+        health_server,
+        health_port,
     )
 
 

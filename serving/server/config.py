@@ -39,6 +39,15 @@ class NetworkOptions:
     metrics_port: int = setting(
         9090, "Prometheus /metrics HTTP port (0: any free port)", minimum=0, maximum=65535, metavar="PORT"
     )
+    health_port: int | None = setting(
+        None,
+        "plaintext port serving grpc.health.v1 only (no VaeService, no reflection), on --host: for probes that "
+        "cannot speak the gRPC port's TLS, and not counted against --max-concurrent-rpcs (0: any free port)",
+        minimum=0,
+        maximum=65535,
+        metavar="PORT",
+        shown_default="none (health on the gRPC port only)",
+    )
     max_message_bytes: int = setting(
         16 * 1024 * 1024,
         "gRPC message size limit, each way (larger: RESOURCE_EXHAUSTED)",
@@ -62,6 +71,10 @@ class NetworkOptions:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            raise SettingError(
+                "{health_port} ({health}) must differ from {port} and {metrics_port}", health=self.health_port
+            )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Security on a running server: TLS and mutual TLS on the gRPC port, a metrics port that serves /metrics
-only, and the abuse limits (tests/unit/test_unsafe_deserialization.py: what is never unpickled)."""
+"""Security on a running server: TLS and mutual TLS on the gRPC port, the plaintext health-only port the
+kubelet's probes use under TLS, a metrics port that serves /metrics only, and the abuse limits
+(tests/unit/test_unsafe_deserialization.py: what is never unpickled)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving.client import VaeClient, VaeError
 from serving.client import cli as client_cli
@@ -30,14 +33,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_server(exported_repository: Path, pki: Pki) -> Iterator[ServerThread]:
-    with running_server(exported_repository, tls_cert=pki.server.cert, tls_key=pki.server.key) as server:
+    with running_server(exported_repository, tls_cert=pki.server.cert, tls_key=pki.server.key, health_port=0) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def mtls_server(exported_repository: Path, pki: Pki) -> Iterator[ServerThread]:
     with running_server(
-        exported_repository, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca
+        exported_repository, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca, health_port=0
     ) as server:
         yield server
 
@@ -77,6 +80,58 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: ServerTh
 def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server: ServerThread, pki: Pki) -> None:
     intruder = {"tls_ca": pki.ca, "tls_cert": pki.other_client.cert, "tls_key": pki.other_client.key}
     assert refused_code(mtls_server.target, **intruder) == grpc.StatusCode.UNAVAILABLE
+
+
+def plaintext_health(port: int, service: str = "") -> str:
+    """What a kubelet gRPC probe asks: grpc.health.v1 Check over plaintext, no certificate."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def health_port(server: ServerThread) -> int:
+    port = server.running.health_port
+    assert port is not None and port not in (server.running.grpc_port, server.running.metrics_port)
+    return port
+
+
+def test_probes_get_serving_in_plaintext_on_the_health_port_of_a_tls_server(tls_server: ServerThread) -> None:
+    for service in ("", "vae.v1.VaeService"):  # liveness asks for "", startup and readiness for the service
+        assert plaintext_health(health_port(tls_server), service) == "SERVING"
+    with pytest.raises(grpc.RpcError) as refused:  # the same plaintext probe on the gRPC port fails
+        plaintext_health(tls_server.running.grpc_port)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_probes_need_no_client_certificate_on_the_health_port_under_mutual_tls(mtls_server: ServerThread) -> None:
+    assert plaintext_health(health_port(mtls_server), "vae.v1.VaeService") == "SERVING"
+    with pytest.raises(grpc.RpcError) as refused:
+        plaintext_health(mtls_server.running.grpc_port)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_health_port_serves_no_vae_rpc_and_no_reflection(tls_server: ServerThread) -> None:
+    target = f"127.0.0.1:{health_port(tls_server)}"
+    samples_before = tls_server.metric("vae_requests_total", method="Sample")
+    assert refused_code(target) == grpc.StatusCode.UNIMPLEMENTED  # Sample over plaintext: no such service here
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as no_reflection:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    assert no_reflection.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as unknown:
+        plaintext_health(health_port(tls_server), "vae.v1.Unknown")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert tls_server.metric("vae_requests_total", method="Sample") == samples_before  # nothing reached the model
+
+
+def test_the_health_port_follows_the_drain(exported_repository: Path) -> None:
+    """Draining turns the health port NOT_SERVING as it does the gRPC port's health (readiness drops the pod)."""
+    with running_server(exported_repository, health_port=0) as server:
+        port = health_port(server)
+        assert plaintext_health(port, "vae.v1.VaeService") == "SERVING"
+        asyncio.run_coroutine_threadsafe(server.running.health.enter_graceful_shutdown(), server.loop).result(5)
+        assert plaintext_health(port, "vae.v1.VaeService") == "NOT_SERVING"
+        assert plaintext_health(port) == "NOT_SERVING"
 
 
 def test_cli_takes_tls_flags(mtls_server: ServerThread, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
@@ -154,6 +209,24 @@ def test_rpcs_beyond_the_concurrency_cap_get_resource_exhausted(exported_reposit
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert all(call.result().images.shape == [1, 1, 28, 28] for call in stub_calls)  # the two admitted finish
         assert client.decode(latents).shape == (1, 1, 28, 28)
+
+
+def test_the_health_port_answers_while_the_grpc_port_is_at_its_concurrency_cap(exported_repository: Path) -> None:
+    """A probe on the gRPC port counts against --max-concurrent-rpcs; an overloaded pod would fail liveness."""
+    latents = np.zeros((1, 20), np.float32)
+    with (
+        running_server(
+            exported_repository, max_concurrent_rpcs=2, max_delay_ms=1000, batch_wait="fixed", health_port=0
+        ) as server,
+        VaeClient(server.target, retries=0) as client,
+    ):
+        stub_calls = [client._stub.Decode.future(_decode_request(latents), timeout=20) for _ in range(2)]
+        wait_until(lambda: server.metric("vae_queue_depth", graph="decoder") == 2, what="two requests queued")
+        with pytest.raises(grpc.RpcError) as refused:
+            plaintext_health(server.running.grpc_port)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert plaintext_health(health_port(server)) == "SERVING"
+        assert all(call.result().images.shape == [1, 1, 28, 28] for call in stub_calls)
 
 
 def _decode_request(latents: np.ndarray) -> object:

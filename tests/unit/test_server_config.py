@@ -65,6 +65,11 @@ def test_each_component_gets_its_own_section_as_defined() -> None:
             "--default-version (VAE_DEFAULT_VERSION): label 'Stable!' is not allowed",
         ),
         ([], {"VAE_POLL_SECONDS": "-1"}, "--poll-seconds (VAE_POLL_SECONDS) must be >= 0, got -1.0"),
+        (
+            ["--health-port", "9090"],
+            {},
+            "--health-port (VAE_HEALTH_PORT) (9090) must differ from --port (VAE_GRPC_PORT) and --metrics-port",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_flag_or_variable(

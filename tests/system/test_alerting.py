@@ -1,0 +1,212 @@
+"""Alert rules, runbooks and the dashboard, checked without a cluster: promtool on the rules and their unit
+tests, the SLO settings, every runbook link landing on a section of docs/operations.md, and what the
+dashboard shows. `make deploy-check` runs this module; test_monitoring.py evaluates the same rules and
+queries in a real Prometheus scraping a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.metrics import Metrics
+from tests.helpers import ROOT
+
+DEPLOY = ROOT / "deploy"
+RUNBOOKS = ROOT / "docs" / "operations.md"
+
+
+def rule_groups() -> list[dict]:
+    return yaml.safe_load((DEPLOY / "prometheus" / "prometheusrule.yaml").read_text())["spec"]["groups"]
+
+
+def rules() -> list[dict]:
+    return [rule for group in rule_groups() for rule in group["rules"]]
+
+
+def alerts() -> list[dict]:
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def recorded(name: str) -> str:
+    (rule,) = [rule for rule in rules() if rule.get("record") == name]
+    return str(rule["expr"])
+
+
+@pytest.fixture(scope="module")
+def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The PrometheusRule's groups as a plain rules file beside a copy of the promtool unit tests."""
+    directory = tmp_path_factory.mktemp("rules")
+    (directory / "alerts.rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups()}))
+    shutil.copy(DEPLOY / "prometheus" / "alerts.test.yaml", directory)
+    return directory
+
+
+def test_promtool_checks_the_alert_rules(rules_dir: Path) -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(rules_dir / "alerts.rules.yaml")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in result.stdout
+
+
+def test_promtool_unit_tests_fire_each_alert_and_keep_each_one_silent_somewhere(rules_dir: Path) -> None:
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(rules_dir / "alerts.test.yaml")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = [case for test in yaml.safe_load((rules_dir / "alerts.test.yaml").read_text())["tests"]
+             for case in test["alert_rule_test"]]  # fmt: skip
+    names = {rule["alert"] for rule in alerts()}
+    assert {case["alertname"] for case in cases if case["exp_alerts"]} == names  # each one fires in a test
+    assert {case["alertname"] for case in cases if not case["exp_alerts"]} == names  # and stays silent in one
+
+
+def test_the_slo_settings_are_recorded_once_and_every_burn_rate_alert_reads_them() -> None:
+    assert float(recorded("vae:slo_availability_objective").removeprefix("vector(").rstrip(")")) == 0.999
+    assert float(recorded("vae:slo_latency_objective").removeprefix("vector(").rstrip(")")) == 0.99
+    assert float(recorded("vae:slo_min_request_rate").removeprefix("vector(").rstrip(")")) > 0
+    burn_alerts = [rule for rule in alerts() if "Budget" in rule["alert"]]
+    assert len(burn_alerts) == 4  # availability and latency, each fast (page) and slow (ticket)
+    for rule in burn_alerts:
+        objective = "availability" if "Availability" in rule["alert"] else "latency"
+        assert f"vae:slo_{objective}_objective" in rule["expr"] and "vae:slo_min_request_rate" in rule["expr"]
+        assert rule["labels"]["severity"] == ("critical" if "Fast" in rule["alert"] else "warning")
+    for rule in rules():  # the objectives are written nowhere else
+        if not rule.get("record", "").startswith("vae:slo_"):
+            assert not re.search(r'(?<!")\b0\.99', rule["expr"]), rule.get("alert") or rule.get("record")
+
+
+def test_the_latency_objectives_threshold_is_a_bucket_the_server_has() -> None:
+    metrics = Metrics(["Decode"])
+    metrics.request_finished("Decode", "OK", "1", 0.1, 1)
+    bounds = {
+        sample.labels["le"]
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "vae_request_duration_seconds_bucket"
+    }
+    thresholds = {le for rule in rules() for le in re.findall(r'\ble="([^"]+)"', rule["expr"])}
+    assert thresholds == {"0.25"} and thresholds <= bounds
+
+
+def test_availability_alerts_are_per_namespace_never_absent() -> None:
+    # absent() is one series for all namespaces: a namespace whose pods are gone hides behind another's.
+    assert not any("absent(" in rule["expr"] for rule in rules())
+    (no_pods,) = [rule for rule in alerts() if rule["alert"] == "VaeNoHealthyPods"]
+    assert "by (namespace)" in no_pods["expr"] and "kube_deployment_spec_replicas" in no_pods["expr"]
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_alert_links_its_runbook_in_this_repositorys_docs() -> None:
+    repository = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    anchors = github_anchors(RUNBOOKS.read_text())
+    for rule in alerts():
+        annotations = rule["annotations"]
+        assert annotations["summary"] and annotations["description"], rule["alert"]
+        url = annotations["runbook_url"]
+        assert url == f"{repository}/blob/main/docs/operations.md#{rule['alert'].lower()}", url
+        assert rule["alert"].lower() in anchors, f"docs/operations.md has no section {rule['alert']}"
+
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "vae-service.json").read_text())
+
+
+def panels() -> dict[str, dict]:
+    return {panel["title"]: panel for panel in dashboard()["panels"] if panel["type"] != "row"}
+
+
+def steps(panel: dict) -> list[tuple[float | None, str]]:
+    return [(step["value"], step["color"]) for step in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+
+
+def test_dashboard_is_templated_on_datasource_namespace_and_pod() -> None:
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert {"namespace", "pod"} <= variables.keys()
+    for panel in panels().values():
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert 'namespace=~"$namespace"' in target["expr"], (panel["title"], target["expr"])
+
+
+def test_every_panel_has_a_unit_and_thresholds() -> None:
+    for title, panel in panels().items():
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults["unit"], title
+        assert steps(panel) and steps(panel)[0][0] is None, title  # a base colour, then the steps that matter
+
+
+def test_thresholds_mean_what_the_slos_and_limits_say() -> None:
+    board = panels()
+    budget = 1 - 0.999
+    assert steps(board["Error ratio (server-side)"])[1:] == [
+        (pytest.approx(budget), "orange"),
+        (pytest.approx(14.4 * budget), "red"),
+    ]
+    assert [step for step in steps(board["Requests/s"])] == [(None, "blue")]  # traffic is not good or bad
+    for title in ("Latency p50 / p95 / p99 by method", "Latency p99 by version", "Queue wait p50 / p99 by graph"):
+        assert (0.25, "red") in steps(board[title]), title  # the latency objective's threshold
+    assert steps(board["Availability: error budget burn rate"])[-2:] == [(6, "orange"), (14.4, "red")]
+    assert (1, "red") in steps(board["Input drift: traffic median / baseline 0.99 quantile"])
+
+
+def test_healthy_pods_shows_zero_not_no_data_when_every_pod_is_gone() -> None:
+    for title in ("Healthy pods", "Pods up"):
+        panel = panels()[title]
+        assert panel["targets"][0]["expr"].endswith(" or vector(0)"), title
+        assert steps(panel) == [(None, "red"), (1, "orange"), (2, "green")], title
+
+
+def test_dashboard_covers_what_operators_watch() -> None:
+    exprs = " ".join(t["expr"] for p in panels().values() for t in p["targets"])
+    for metric in (
+        "vae_requests_total",
+        "vae_request_duration_seconds_bucket",
+        "vae_request_items",
+        "vae_batch_rows",
+        "vae_queue_wait_seconds_bucket",
+        "vae_queue_depth",
+        "vae_inference_seconds_bucket",
+        "vae_inflight_requests",
+        "vae_model_info",
+        "vae_model_default_version",
+        "vae_model_loads_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "up{",
+        "vae:request_errors:ratio_rate1h",  # the SLOs' burn rates, from the recording rules
+        "vae:request_slow:ratio_rate1h",
+        "vae_input_score_nats_bucket",  # input drift: the traffic's scores beside the training baseline
+        "vae_model_score_baseline_nats",
+        "vae_latent_norm_bucket",
+        "DCGM_FI_DEV_GPU_UTIL",  # the GPU overlay's device, from the DCGM exporter
+        "DCGM_FI_DEV_FB_USED",
+        "DCGM_FI_DEV_GPU_TEMP",
+    ):
+        assert metric in exprs, metric
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (method, le) (rate(vae_request_duration_seconds" in exprs
+    # traffic, latency and errors by model version, side by side during a swap or a canary
+    assert "sum by (version) (rate(vae_requests_total" in exprs
+    assert "histogram_quantile(0.99, sum by (version, le) (rate(vae_request_duration_seconds_bucket" in exprs
+    # each pod's share of traffic (connection pinning shows there) and rejections by status code
+    assert (
+        "sum by (pod) (rate(vae_requests_total"
+        in panels()["Traffic share by pod (1 = even split)"]["targets"][0]["expr"]
+    )
+    assert "sum by (code)" in panels()["Rejected share by reason (status code)"]["targets"][0]["expr"]
