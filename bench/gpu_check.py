@@ -131,7 +131,8 @@ def environment(record: StepRecord, provider: str) -> None:
         "bf16_supported": torch.cuda.is_bf16_supported() if cuda else None,
         "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
     }
-    gpu = record.figures["torch"]["device"] or next((g["name"] for g in record.figures["nvidia_smi"] or []), None)
+    smi_names = [g["name"] for g in record.figures["nvidia_smi"] or [] if "name" in g]
+    gpu = record.figures["torch"]["device"] or next(iter(smi_names), None)
     record["gpu"] = gpu
     if provider == "cuda":
         problems = [
@@ -149,8 +150,11 @@ def nvidia_smi_gpus() -> list[dict[str, str | None]] | None:
         return None
     fields = ("name", "driver_version", "memory.total", "compute_cap", "cuda_version")
     query = ["nvidia-smi", f"--query-gpu={','.join(fields[:4])}", "--format=csv,noheader"]
-    rows = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
-    header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    try:
+        rows = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (subprocess.SubprocessError, OSError) as exc:  # a driver / library mismatch: say so, go on
+        return [{"error": f"nvidia-smi failed: {exc}"}]
     cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
     return [
         {**dict(zip(fields[:4], (cell.strip() for cell in row.split(",")), strict=True)), fields[4]: cuda and cuda[1]}
@@ -250,7 +254,7 @@ def summary_text(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "environment":  # the step process
+    if argv is None and sys.argv[1:2] == ["environment"]:  # step 1 as its own process, like the others
         step_args = step_arguments("environment step", ("environment",))
         environment(StepRecord(step_args.result), step_args.provider)
         return 0

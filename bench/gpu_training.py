@@ -71,9 +71,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def epoch_rate(
-    images: torch.Tensor, batch_size: int, bf16: bool, compiled: bool, quick: bool
-) -> dict[str, float | int | str]:
+def epoch_rate(images: torch.Tensor, batch_size: int, bf16: bool, compiled: bool) -> dict[str, float | int | str]:
     """Seconds and samples/s of one shuffled epoch of `images` with the trainer's step (full batches only:
     a partial last batch would make torch.compile compile a second graph inside the timed epoch)."""
     device = images.device
@@ -124,24 +122,27 @@ def training_speed(record: StepRecord, device: str, quick: bool, deadline: float
     images = torch.rand(count, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
     recipe_batch = TrainConfig().batch_size
     batch_sizes = (recipe_batch,) if quick else (recipe_batch, 1024)
-    variants = [(b, bf16, compiled) for compiled in (False, True) for b in batch_sizes for bf16 in (False, True)]
+    eager = [(b, bf16, False) for b in batch_sizes for bf16 in (False, True)]
+    # compiled last, the likeliest fastest first: a compile may not fit in what is left of the budget
+    compiled = [(b, bf16, True) for bf16 in (True, False) for b in sorted(batch_sizes, reverse=True)]
+    variants = eager + compiled
     results: list[dict[str, Any]] = []
-    for batch_size, bf16, compiled in variants:
-        if compiled and quick and device == "cpu":
+    for batch_size, bf16, with_compile in variants:
+        if with_compile and quick and device == "cpu":
             skip = "skipped in --quick on the CPU: torch.compile (inductor) compiles for tens of seconds here"
-        elif compiled and seconds_left(deadline) < COMPILE_RESERVE_S:
+        elif with_compile and seconds_left(deadline) < COMPILE_RESERVE_S:
             skip = f"skipped: {seconds_left(deadline):.0f} s left of the step's budget, a compile needs more"
         else:
             skip = ""
         if skip:
-            results.append({"batch_size": batch_size, "bf16": bf16, "compile": compiled, "status": skip})
+            results.append({"batch_size": batch_size, "bf16": bf16, "compile": with_compile, "status": skip})
         else:
             try:
-                results.append({**epoch_rate(images, batch_size, bf16, compiled, quick), "status": "ok"})
+                results.append({**epoch_rate(images, batch_size, bf16, with_compile), "status": "ok"})
             except Exception as exc:  # one variant failing (a compiler error) leaves the others' figures
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 results.append(
-                    {"batch_size": batch_size, "bf16": bf16, "compile": compiled, "status": f"failed: {first}"}
+                    {"batch_size": batch_size, "bf16": bf16, "compile": with_compile, "status": f"failed: {first}"}
                 )
         record["variants"] = results
     measured = [r for r in results if r["status"] == "ok"]
