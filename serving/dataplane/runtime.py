@@ -13,6 +13,7 @@ import functools
 import gc
 import io
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -235,7 +236,7 @@ def _pinned_array(shape: tuple[int, ...]) -> np.ndarray:
     """A page-locked float32 host array from the CUDA runtime the CUDA provider loaded; freed with the array."""
     from onnxruntime.capi.build_and_package_info import cuda_version
 
-    cudart = ctypes.CDLL(f"libcudart.so.{cuda_version.split('.')[0]}")  # already loaded: the provider links it
+    cudart = _cuda_runtime(f"libcudart.so.{cuda_version.split('.')[0]}")
     count = int(np.prod(shape))
     pointer = ctypes.c_void_p()
     status = cudart.cudaHostAlloc(ctypes.byref(pointer), ctypes.c_size_t(max(count, 1) * 4), 0)
@@ -244,6 +245,18 @@ def _pinned_array(shape: tuple[int, ...]) -> np.ndarray:
     array = np.ctypeslib.as_array((ctypes.c_float * count).from_address(pointer.value)).reshape(shape)
     weakref.finalize(array, cudart.cudaFreeHost, ctypes.c_void_p(pointer.value))
     return array
+
+
+@functools.cache
+def _cuda_runtime(name: str) -> ctypes.CDLL:
+    """The CUDA runtime library: the one the CUDA provider loaded, else the nvidia-* wheel's (the `gpu` extra)."""
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        for root in map(Path, sys.path):
+            for candidate in root.glob(f"nvidia/*/lib/{name}"):
+                return ctypes.CDLL(str(candidate))
+        raise ProviderUnavailable(f"pinned buffers need {name}, which is neither loaded nor installed") from None
 
 
 def _nvidia_driver_present() -> bool:
