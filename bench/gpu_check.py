@@ -207,12 +207,12 @@ def run_step(step: Step, args: argparse.Namespace, work: Path, budget_s: float) 
     figures = json.loads(result_path.read_text()) if result_path.is_file() else {}
     status = figures.pop("status", None)
     if code is None:
-        status = f"timeout: killed after its budget of {budget_s:.0f} s (figures measured before that are kept)"
+        status = f"timeout: killed after its budget of {budget_s:.3g} s (figures measured before that are kept)"
     elif code != 0:
         status = f"error: exit code {code}: {last_error_line(log_path)}"
     elif status is None:
         status = "error: the step wrote no status"
-    entry = {"status": status, "seconds": round(time.perf_counter() - started, 1), "budget_s": round(budget_s)}
+    entry = {"status": status, "seconds": round(time.perf_counter() - started, 1), "budget_s": round(budget_s, 1)}
     if not status.startswith("ok"):
         entry["log_tail"] = log_path.read_text(errors="replace").splitlines()[-15:]
     print(f"[gpu-check] {step.name}: {status} ({entry['seconds']} s)", file=sys.stderr, flush=True)
@@ -226,7 +226,7 @@ def last_error_line(log_path: Path) -> str:
 
 def results_name(gpu: str | None, provider: str, date: str) -> str:
     """gpu-check-<date>-<gpu>: the GPU's name as a file-name slug ("cpu" for a CPU-provider run)."""
-    label = gpu if provider == "cuda" and gpu else "cpu"
+    label = (gpu or "unknown-gpu") if provider == "cuda" else "cpu"
     return f"gpu-check-{date}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}"
 
 
