@@ -12,7 +12,7 @@ row. Also start-up time to SERVING and the server's RSS. And the same Decode loa
 reference servers of bench/baseline_servers.py: `minimal` (the decoder run inline in the handler: no
 batching, validation or metrics) and `echo` (no model: what gRPC and the load generator alone cost and
 allow). Each point also carries the server process's CPU time over its measured part (/proc/PID/stat, all
-threads), per request: stable where wall-clock rates move with other jobs on the machine, and what one core
+threads), per request: steadier than wall-clock rates when other jobs share the machine, and what one core
 buys (1 / CPU seconds per request = requests/s per core). Writes `serving.json` and `serving.png` under
 `--out` and prints the headline figures (docs/performance.md).
 `--provider cuda` runs the server and the limit on onnxruntime's CUDA provider (where a GPU is).
@@ -169,7 +169,7 @@ def summary(points: list[dict[str, Any]], limit: list[dict[str, Any]], concurren
 
 def cpu_per_request(points: list[dict[str, Any]], many: int) -> dict[str, float]:
     """The server's CPU milliseconds per Decode request, ours (batching) beside the minimal server's, for 1 x 64
-    rows and `many` x 1 row: machine-independent where requests/s are not (one core buys 1000 / ms requests/s)."""
+    rows and `many` x 1 row, measured in the same run (one core buys 1000 / ms requests/s)."""
     figures: dict[str, float] = {}
     for rows, callers in ((64, 1), (1, many)):
         ours = find(points, "batching", "decode", rows, callers)["server_cpu_ms_per_request"]
