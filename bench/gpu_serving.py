@@ -35,10 +35,10 @@ from bench.server_process import ServerProcess
 from bench.serving import LOAD_CPUS, MODES, cpu_per_request, cpu_table, sweep
 from serving.client import VaeClient
 from serving.dataplane.repository import GraphSpec, load_version
-from serving.dataplane.runtime import CPU, CUDA, RuntimeOptions, load_sessions, session_options
+from serving.dataplane.runtime import CPU, CUDA, IoBinding, Provider, RuntimeOptions, load_sessions, session_options
 
 BATCH_SIZES = (1, 64, 256, 1024)
-IO_BINDINGS = ("off", "on", "pinned")
+IO_BINDINGS: tuple[IoBinding, ...] = ("off", "on", "pinned")
 EXPECTED_PROVIDER = {"cuda": CUDA, "cpu": CPU}
 
 
@@ -182,12 +182,12 @@ def cuda_graph_rates(model_dir: Path, provider: str, block_seconds: float, repea
     return results
 
 
-def limit(record: StepRecord, provider: str, quick: bool, work: Path) -> None:
+def limit(record: StepRecord, provider: Provider, quick: bool, work: Path) -> None:
     model_dir, record["model_source"] = served_model(work)
     block, repeats = (0.01, 2) if quick else (0.2, 3)
     rows: list[dict[str, Any]] = []
     for io_binding in IO_BINDINGS:
-        rows += measure_limit(model_dir, 1, BATCH_SIZES, block, repeats, provider, io_binding)  # type: ignore[arg-type]
+        rows += measure_limit(model_dir, 1, BATCH_SIZES, block, repeats, provider, io_binding)
         record["limit"] = rows
     graphs = cuda_graph_rates(model_dir, provider, block, repeats)
     record["cuda_graphs"] = graphs
@@ -311,14 +311,15 @@ def memory(record: StepRecord, provider: str, quick: bool, work: Path) -> None:
 def main() -> int:
     args = step_arguments(__doc__.split("\n\n")[0], ("serving", "limit", "sweep", "memory"))
     record = StepRecord(args.result)
+    provider: Provider = "cuda" if args.provider == "cuda" else "cpu"
     if args.step == "serving":
-        serving(record, args.provider, args.work)
+        serving(record, provider, args.work)
     elif args.step == "limit":
-        limit(record, args.provider, args.quick, args.work)
+        limit(record, provider, args.quick, args.work)
     elif args.step == "sweep":
-        serving_sweep(record, args.provider, args.quick, args.work)
+        serving_sweep(record, provider, args.quick, args.work)
     else:
-        memory(record, args.provider, args.quick, args.work)
+        memory(record, provider, args.quick, args.work)
     return 0
 
 
