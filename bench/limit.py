@@ -14,18 +14,26 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from bench.loadgen import pin_to_cpus
 from serving.dataplane.repository import load_version
-from serving.dataplane.runtime import GraphSession, Provider, RuntimeOptions, load_sessions
+from serving.dataplane.runtime import IoBinding, Provider, RuntimeOptions, load_sessions
 
 BATCH_SIZES = (1, 64, 1024)
 
 
-def rows_per_second(runner: GraphSession, rows: np.ndarray, block_seconds: float, repeats: int) -> float:
+class Runner(Protocol):
+    """What is timed: a GraphSession, or bench/gpu_serving.py's CUDA-graph runner."""
+
+    def run(self, rows: np.ndarray) -> Sequence[np.ndarray]: ...
+
+
+def rows_per_second(runner: Runner, rows: np.ndarray, block_seconds: float, repeats: int) -> float:
     """Median over `repeats` blocks of back-to-back runs; each block lasts about `block_seconds`."""
     runner.run(rows)  # warm: first-run allocation is not part of the steady state
     started = time.perf_counter()
@@ -48,10 +56,11 @@ def measure(
     block_seconds: float = 0.5,
     repeats: int = 5,
     provider: Provider = "cpu",
+    io_binding: IoBinding = "off",
 ) -> list[dict[str, object]]:
     """rows/s of decoder and encoder at each batch size, as dicts ready for JSON."""
     model = load_version(model_dir)
-    runtime = load_sessions(model, RuntimeOptions(provider=provider, intra_op_threads=threads))
+    runtime = load_sessions(model, RuntimeOptions(provider=provider, intra_op_threads=threads, io_binding=io_binding))
     rng = np.random.default_rng(0)
     results: list[dict[str, object]] = []
     for rows in batch_sizes:
@@ -68,6 +77,7 @@ def measure(
                     "rows_per_s": round(rate, 1),
                     "threads": threads,
                     "provider": runtime.provider,
+                    "io_binding": io_binding,
                 }
             )
     return results
@@ -81,12 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-seconds", type=float, default=0.5, help="length of one timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per figure (the median is shown)")
     parser.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu", help="execution provider")
+    parser.add_argument(
+        "--io-binding", choices=("off", "on", "pinned"), default="off", help="see --io-binding of the server"
+    )
     parser.add_argument("--cpus", help="pin to these CPUs, e.g. 0")
     args = parser.parse_args(argv)
     if args.cpus:
         pin_to_cpus(args.cpus)
     for line in measure(
-        args.model_dir, args.threads, tuple(args.batch), args.block_seconds, args.repeats, args.provider
+        args.model_dir,
+        args.threads,
+        tuple(args.batch),
+        args.block_seconds,
+        args.repeats,
+        args.provider,
+        args.io_binding,
     ):
         print(json.dumps(line))
     return 0

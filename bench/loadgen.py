@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -81,8 +82,14 @@ async def run_load(
     requests: int | None = None,
     warmup_s: float = 1.0,
     timeout_s: float = 10.0,
+    on_measuring: Callable[[], None] | None = None,
+    on_measured: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """Drive the server closed-loop; measure after `warmup_s`, for `duration_s` or until `requests` are done."""
+    """Drive the server closed-loop; measure after `warmup_s`, for `duration_s` or until `requests` are done.
+
+    `on_measuring` and `on_measured` are called as the measured part begins and ends (bench/serving.py reads
+    the server's CPU time there).
+    """
     if (duration_s is None) == (requests is None):
         raise ValueError("give exactly one of duration_s and requests")
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -115,11 +122,15 @@ async def run_load(
 
         if warmup_s > 0:
             await asyncio.gather(*(caller(time.perf_counter() + warmup_s) for _ in range(concurrency)))
+        if on_measuring is not None:
+            on_measuring()
         measuring = True
         began = time.perf_counter()
         stop_at = began + (duration_s if duration_s is not None else 3600.0)
         await asyncio.gather(*(caller(stop_at) for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
+        if on_measured is not None:
+            on_measured()
     done = len(latencies)
     ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
     ok = codes.get("OK", 0)

@@ -12,6 +12,8 @@ Every stderr line is kept in `lines`.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +32,27 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/{pid}/status has no VmRSS line")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far, all its threads (Linux /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": the comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+
+
+def gpu_memory_bytes(pid: int) -> int | None:
+    """GPU memory process `pid` holds, per nvidia-smi; None where nvidia-smi is missing or does not list it
+    (in a container nvidia-smi may show host process ids only)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        listing = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    used = [int(mib) for line in listing.splitlines() for listed, mib in [line.split(",")] if int(listed) == pid]
+    return sum(used) * 1024 * 1024 if used else None
 
 
 class ServerProcess:
@@ -75,6 +98,12 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         return rss_bytes(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def gpu_memory_bytes(self) -> int | None:
+        return gpu_memory_bytes(self.process.pid)
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM (a graceful drain), then the exit code; a process still running after `timeout_s` is killed."""

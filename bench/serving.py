@@ -11,8 +11,10 @@ the mode it measures: batching on (`--max-batch-size 64`, the default adaptive w
 row. Also start-up time to SERVING and the server's RSS. And the same Decode loads against the two
 reference servers of bench/baseline_servers.py: `minimal` (the decoder run inline in the handler: no
 batching, validation or metrics) and `echo` (no model: what gRPC and the load generator alone cost and
-allow). Writes `serving.json` and `serving.png` under `--out` and prints the headline figures
-(docs/performance.md).
+allow). Each point also carries the server process's CPU time over its measured part (/proc/PID/stat, all
+threads), per request: steadier than wall-clock rates when other jobs share the machine, and what one core
+buys (1 / CPU seconds per request = requests/s per core). Writes `serving.json` and `serving.png` under
+`--out` and prints the headline figures (docs/performance.md).
 `--provider cuda` runs the server and the limit on onnxruntime's CUDA provider (where a GPU is).
 """
 
@@ -24,7 +26,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -51,38 +53,69 @@ BASELINE_LABELS = {
 
 
 @contextmanager
-def server(model_dir: Path, mode: str, max_delay_ms: float, provider: str) -> Iterator[tuple[ServerProcess, float]]:
-    """The server of `mode` (or a baseline) as a process on the server's CPU: yields it and its seconds to SERVING."""
+def server(
+    model_dir: Path, mode: str, flags: Sequence[str], max_delay_ms: float, provider: str
+) -> Iterator[tuple[ServerProcess, float]]:
+    """Our server with `flags` (or the baseline `mode`) as a process on the server's CPU: yields it and its
+    seconds to SERVING."""
     started = time.perf_counter()
     if mode in BASELINES:
         baseline = ["-m", "bench.baseline_servers", f"--kind={mode}", f"--model-dir={model_dir}", "--port=0"]
         process = ServerProcess(["taskset", "-c", SERVER_CPUS, sys.executable, *baseline, f"--provider={provider}"])
     else:
-        flags = [f"--model-dir={model_dir}", "--intra-op-threads=1", f"--provider={provider}"]
-        process = ServerProcess.vae_server(*flags, f"--max-delay-ms={max_delay_ms}", *MODES[mode], cpus=SERVER_CPUS)
+        common = [f"--model-dir={model_dir}", "--intra-op-threads=1", f"--provider={provider}"]
+        process = ServerProcess.vae_server(*common, f"--max-delay-ms={max_delay_ms}", *flags, cpus=SERVER_CPUS)
     with process:
         yield process, time.perf_counter() - started
 
 
+def measure_point(process: ServerProcess, rpc: str, rows: int, concurrency: int, duration_s: float) -> dict[str, Any]:
+    """One closed-loop load against `process`, with the server's CPU seconds over its measured part."""
+    cpu: list[float] = []
+    result: LoadResult = asyncio.run(
+        run_load(
+            process.target, rpc, rows, concurrency, duration_s=duration_s, warmup_s=min(1.0, duration_s),
+            on_measuring=lambda: cpu.append(process.cpu_seconds()),
+            on_measured=lambda: cpu.append(process.cpu_seconds()),
+        )
+    )  # fmt: skip
+    server_cpu_s = cpu[1] - cpu[0]
+    return {
+        **asdict(result),
+        "server_cpu_s": round(server_cpu_s, 3),
+        # every request counted (errors too) cost the server CPU; the clock tick is 10 ms, so the figure is
+        # exact to ~0.25 % over a 4-second point at one busy core
+        "server_cpu_ms_per_request": round(1e3 * server_cpu_s / max(result.requests, 1), 4),
+    }
+
+
 def sweep(
-    model_dir: Path, concurrencies: list[int], duration_s: float, max_delay_ms: float, provider: str = "cpu"
+    model_dir: Path,
+    concurrencies: list[int],
+    duration_s: float,
+    max_delay_ms: float,
+    provider: str = "cpu",
+    modes: Mapping[str, Sequence[str]] = MODES,
+    baselines: Sequence[str] = BASELINES,
+    rpcs: Sequence[str] = ("decode", "sample"),
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every load against a fresh server per mode of ours (`modes`: name → server flags) and per baseline."""
     points: list[dict[str, Any]] = []
     process_figures: dict[str, Any] = {}
-    for mode in (*MODES, *BASELINES):
-        with server(model_dir, mode, max_delay_ms, provider) as (process, startup_s):
-            target = process.target
-            process_figures[mode] = {"startup_to_serving_s": round(startup_s, 3)}
-            rpcs = ("decode",) if mode in BASELINES else ("decode", "sample")
-            loads = [(rpc, 64, 1) for rpc in rpcs]
-            loads += [(rpc, 1, c) for rpc in rpcs for c in concurrencies]
+    for mode in (*modes, *baselines):
+        with server(model_dir, mode, modes.get(mode, ()), max_delay_ms, provider) as (process, startup_s):
+            figures = process_figures[mode] = {"startup_to_serving_s": round(startup_s, 3)}
+            if provider == "cuda":  # the warm-up ran at start-up, before the server said it serves
+                figures["gpu_memory_bytes_after_warm_up"] = process.gpu_memory_bytes()
+            mode_rpcs = ("decode",) if mode in BASELINES else rpcs
+            loads = [(rpc, 64, 1) for rpc in mode_rpcs]
+            loads += [(rpc, 1, c) for rpc in mode_rpcs for c in concurrencies]
             for rpc, rows, concurrency in loads:
-                result: LoadResult = asyncio.run(
-                    run_load(target, rpc, rows, concurrency, duration_s=duration_s, warmup_s=min(1.0, duration_s))
-                )
-                points.append({"mode": mode, **asdict(result)})
+                points.append({"mode": mode, **measure_point(process, rpc, rows, concurrency, duration_s)})
                 print(json.dumps(points[-1]), flush=True)
-            process_figures[mode]["rss_bytes"] = process.rss_bytes()
+            figures["rss_bytes"] = process.rss_bytes()
+            if provider == "cuda":
+                figures["gpu_memory_bytes_after_loads"] = process.gpu_memory_bytes()
     return points, process_figures
 
 
@@ -130,7 +163,41 @@ def summary(points: list[dict[str, Any]], limit: list[dict[str, Any]], concurren
     # With zero server overhead a request still costs compute (64/limit) plus the echo round trip (64/echo).
     figures["decode_1x64_vs_limit_bound"] = round(echo_64 / (echo_64 + limit_64), 3)
     figures[f"echo_decode_{many}x1_requests_per_s"] = find(points, "echo", "decode", 1, many)["requests_per_s"]
+    figures.update(cpu_per_request(points, many))
     return figures
+
+
+def cpu_per_request(points: list[dict[str, Any]], many: int) -> dict[str, float]:
+    """The server's CPU milliseconds per Decode request, ours (batching) beside the minimal server's, for 1 x 64
+    rows and `many` x 1 row, measured in the same run (one core buys 1000 / ms requests/s)."""
+    figures: dict[str, float] = {}
+    for rows, callers in ((64, 1), (1, many)):
+        ours = find(points, "batching", "decode", rows, callers)["server_cpu_ms_per_request"]
+        minimal = find(points, "minimal", "decode", rows, callers)["server_cpu_ms_per_request"]
+        load = f"decode_{callers}x{rows}"
+        figures[f"{load}_server_cpu_ms_per_request"] = ours
+        figures[f"minimal_{load}_server_cpu_ms_per_request"] = minimal
+        figures[f"{load}_server_cpu_vs_minimal"] = round(ours / max(minimal, 1e-9), 3)
+    return figures
+
+
+def cpu_table(points: list[dict[str, Any]]) -> str:
+    """Server CPU milliseconds per request of every Decode load, one column per server (Markdown)."""
+    modes = list(dict.fromkeys(p["mode"] for p in points))
+    loads = list(dict.fromkeys((p["rows"], p["concurrency"]) for p in points if p["rpc"] == "decode"))
+    lines = ["| Decode, callers x rows | " + " | ".join(f"{m} CPU ms/req" for m in modes) + " |"]
+    lines.append("|" + " --- |" * (1 + len(modes)))
+    for rows, callers in loads:
+        cells = [
+            next(
+                (f"{p['server_cpu_ms_per_request']:.3f}" for p in points if
+                 (p["mode"], p["rpc"], p["rows"], p["concurrency"]) == (mode, "decode", rows, callers)),
+                "",
+            )
+            for mode in modes
+        ]  # fmt: skip
+        lines.append(f"| {callers} x {rows} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(points: list[dict[str, Any]]) -> str:
@@ -236,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(points, limit, args.out / "serving.png")
     print(markdown_table(points))
+    print(cpu_table(points))
     print(json.dumps({"summary": figures, "process": process_figures}, indent=2))
     return 0
 

@@ -13,6 +13,9 @@ import functools
 import gc
 import io
 import logging
+import sys
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,9 @@ class ProviderUnavailable(RuntimeError):
 
 Provider = Literal["auto", "cuda", "cpu"]
 GraphOptimization = Literal["all", "extended", "basic", "disable"]
+IoBinding = Literal["off", "on", "pinned"]
+ArenaExtendStrategy = Literal["next-power-of-two", "same-as-requested"]
+_ARENA_EXTEND_STRATEGIES = {"next-power-of-two": "kNextPowerOfTwo", "same-as-requested": "kSameAsRequested"}
 
 
 @dataclass(frozen=True)
@@ -57,23 +63,71 @@ class RuntimeOptions:
         0, "onnxruntime threads per graph run (0: onnxruntime's default, one per core)", minimum=0, metavar="N"
     )
     graph_optimization: GraphOptimization = setting("all", "onnxruntime graph optimization level")
+    io_binding: IoBinding = setting(
+        "off",
+        "how a graph run gets its outputs: off (session.run), on (onnxruntime IOBinding: outputs allocated on the "
+        "provider's device, then copied to the host), pinned (IOBinding into reused host buffers, page-locked "
+        "under CUDA so the device-to-host copy is one DMA; each run's outputs are copied out of them)",
+    )
+    cuda_mem_limit_bytes: int = setting(
+        0, "CUDA provider: cap of onnxruntime's GPU memory arena (gpu_mem_limit); 0: no cap", minimum=0, metavar="BYTES"
+    )
+    cuda_arena_extend_strategy: ArenaExtendStrategy = setting(
+        "next-power-of-two",
+        "CUDA provider: how the GPU memory arena grows (same-as-requested grows by what a run needs, not by doubling)",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
+
+    def cuda_provider_options(self) -> dict[str, str]:
+        """The CUDA execution provider's options these settings ask for."""
+        options = {"arena_extend_strategy": _ARENA_EXTEND_STRATEGIES[self.cuda_arena_extend_strategy]}
+        if self.cuda_mem_limit_bytes:
+            options["gpu_mem_limit"] = str(self.cuda_mem_limit_bytes)
+        return options
 
 
 class GraphSession:
     """One onnxruntime session; input and output names come from the graph's spec (the manifest)."""
 
-    def __init__(self, spec: GraphSpec, session: ort.InferenceSession) -> None:
+    def __init__(self, spec: GraphSpec, session: ort.InferenceSession, io_binding: IoBinding = "off") -> None:
         self.session = session
         self.input_name = spec.inputs[0].name
         self.output_names = [output.name for output in spec.outputs]
+        self.output_shapes = [tuple(int(d) for d in output.shape[1:]) for output in spec.outputs]  # after the batch
         self.provider = session.get_providers()[0]
+        self.io_binding = io_binding
+        self._device = "cuda" if self.provider == CUDA else "cpu"
+        self._host_buffers: dict[int, list[np.ndarray]] = {}  # "pinned": output buffers by row count, reused
+        self._host_buffers_lock = threading.Lock()
 
     def run(self, rows: np.ndarray) -> Sequence[np.ndarray]:
         """The graph's outputs for one batch of rows (float32, C-contiguous)."""
-        return self.session.run(self.output_names, {self.input_name: rows})
+        if self.io_binding == "off":
+            return self.session.run(self.output_names, {self.input_name: rows})
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, rows)
+        if self.io_binding == "on":
+            for name in self.output_names:
+                binding.bind_output(name, self._device)
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        with self._host_buffers_lock:  # the buffers of one row count are shared: one run at a time
+            buffers = self._host_buffers.get(len(rows))
+            if buffers is None:
+                buffers = self._host_buffers[len(rows)] = [
+                    self._host_array((len(rows), *shape)) for shape in self.output_shapes
+                ]
+            for name, buffer in zip(self.output_names, buffers, strict=True):
+                binding.bind_output(name, "cpu", 0, np.float32, buffer.shape, buffer.ctypes.data)
+            self.session.run_with_iobinding(binding)
+            # The next run overwrites the buffers while this one's rows may still be on their way into replies.
+            return [buffer.copy() for buffer in buffers]
+
+    def _host_array(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 host buffer: page-locked (cudaHostAlloc) under CUDA, ordinary memory on the CPU provider."""
+        return _pinned_array(shape) if self._device == "cuda" else np.empty(shape, np.float32)
 
 
 @dataclass(frozen=True)
@@ -128,9 +182,14 @@ def load_sessions(version: ModelVersion, options: RuntimeOptions) -> GraphSessio
     # Where CUDA cannot load, onnxruntime's default logger prints multi-line errors on each session. With
     # `auto` that fallback is expected and reported once below; with `cuda` its reason is worth seeing.
     ort.set_default_logger_severity(4 if options.provider == "auto" else 3)
+    with_options = [(CUDA, options.cuda_provider_options()) if name == CUDA else name for name in providers]
     try:
         encoder, decoder = (
-            GraphSession(spec, ort.InferenceSession(spec.model_bytes, session_options(options), providers=providers))
+            GraphSession(
+                spec,
+                ort.InferenceSession(spec.model_bytes, session_options(options), providers=with_options),
+                options.io_binding,
+            )
             for spec in (version.encoder, version.decoder)
         )
     finally:
@@ -171,6 +230,33 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def _report_fallback(reason: str) -> None:
     """Log the CPU fallback of `auto` once per process and reason, not at every version loaded."""
     log.warning("provider_fallback", extra={"fields": {"requested": "auto", "provider": CPU, "reason": reason}})
+
+
+def _pinned_array(shape: tuple[int, ...]) -> np.ndarray:
+    """A page-locked float32 host array from the CUDA runtime the CUDA provider loaded; freed with the array."""
+    from onnxruntime.capi.build_and_package_info import cuda_version
+
+    cudart = _cuda_runtime(f"libcudart.so.{cuda_version.split('.')[0]}")
+    count = int(np.prod(shape))
+    pointer = ctypes.c_void_p()
+    status = cudart.cudaHostAlloc(ctypes.byref(pointer), ctypes.c_size_t(max(count, 1) * 4), 0)
+    if status != 0 or not pointer.value:
+        raise ProviderUnavailable(f"cudaHostAlloc of {count * 4} bytes failed with CUDA error {status}")
+    array = np.ctypeslib.as_array((ctypes.c_float * count).from_address(pointer.value)).reshape(shape)
+    weakref.finalize(array, cudart.cudaFreeHost, ctypes.c_void_p(pointer.value))
+    return array
+
+
+@functools.cache
+def _cuda_runtime(name: str) -> ctypes.CDLL:
+    """The CUDA runtime library: the one the CUDA provider loaded, else the nvidia-* wheel's (the `gpu` extra)."""
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        for root in map(Path, sys.path):
+            for candidate in root.glob(f"nvidia/*/lib/{name}"):
+                return ctypes.CDLL(str(candidate))
+        raise ProviderUnavailable(f"pinned buffers need {name}, which is neither loaded nor installed") from None
 
 
 def _nvidia_driver_present() -> bool:

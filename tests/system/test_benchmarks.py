@@ -73,6 +73,15 @@ def test_serving_sweep_writes_results_plot_and_summary(exported_repository: Path
     for mode in modes:
         assert 0 < report["process"][mode]["startup_to_serving_s"] < 60
         assert report["process"][mode]["rss_bytes"] > 10_000_000
+    # The server's CPU time over each point, per request; ours beside the minimal server's in the summary.
+    for point in points:
+        assert 0 <= point["server_cpu_s"] <= point["duration_s"] * 1.5  # pinned to one CPU (plus clock ticks)
+        assert point["server_cpu_ms_per_request"] == round(1e3 * point["server_cpu_s"] / point["requests"], 4)
+    assert rate("batching", 64, 1, "server_cpu_s") > 0  # 64-row decodes for 0.2 s cost the server CPU
+    for load, rows, callers in (("decode_1x64", 64, 1), ("decode_2x1", 1, 2)):
+        ours, minimal = (rate(mode, rows, callers, "server_cpu_ms_per_request") for mode in ("batching", "minimal"))
+        assert summary[f"{load}_server_cpu_ms_per_request"] == ours
+        assert summary[f"minimal_{load}_server_cpu_ms_per_request"] == minimal
 
 
 def test_model_rpcs_compares_every_vae_rpc_with_encode_and_decode(exported_repository: Path) -> None:
