@@ -29,8 +29,14 @@ INTERNAL_MESSAGE = "internal error while running the model (logged on the server
 DEADLINE_TRANSIT_SECONDS = 0.005
 
 
+# The generated servicer's default for a method of the contract this server does not implement.
+UNIMPLEMENTED_MESSAGE = "this server does not implement the method: it is older than the contract the client uses"
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for an exception raised while handling a request."""
+    if isinstance(error, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED, UNIMPLEMENTED_MESSAGE
     for kind, code in _CODES.items():
         if isinstance(error, kind):
             return code, str(error)
@@ -39,7 +45,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def is_unexpected(error: BaseException) -> bool:
     """Whether `error` is none of the failures above: a bug, logged with its stack trace on the server."""
-    return not isinstance(error, tuple(_CODES))
+    return not isinstance(error, (NotImplementedError, *_CODES))
 
 
 def cancelled_status(time_remaining_s: float | None) -> grpc.StatusCode:

@@ -261,3 +261,20 @@ def test_encode_inputs_are_scored_for_the_histogram_only_in_the_fraction_asked(
         assert server.metric("vae_latent_norm_count") == 6 + 1  # every encoded input's norm, always
         time.sleep(0.2)  # nothing more arrives later
         assert server.metric("vae_input_score_nats_count") == scored + 1
+
+
+def test_a_method_the_server_does_not_implement_is_unimplemented_not_internal(
+    exported_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.api import pb_grpc
+    from serving.grpc.servicer import VaeServicer
+
+    # A server older than the contract: the generated servicer's default raises NotImplementedError.
+    monkeypatch.setattr(VaeServicer, "Traverse", pb_grpc.VaeServiceServicer.Traverse)
+    with running_server(exported_repository) as server, VaeClient(server.target, retries=0) as client:
+        with pytest.raises(VaeError) as raised:
+            client.traverse(np.zeros((1, LATENT_DIM), np.float32))
+        assert raised.value.code == grpc.StatusCode.UNIMPLEMENTED
+        assert "older than the contract" in raised.value.details
+        assert server.metric("vae_requests_total", method="Traverse", code="UNIMPLEMENTED") == 1
+        assert client.score(digits(1)).kl.shape == (1,)
