@@ -41,7 +41,7 @@ system-deps: ## install the Debian packages the tests need (prometheus, dataset-
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[training,dev]'
+	$(PY) -m pip install --quiet -e '.[gpu,training,dev]'
 	touch $@
 
 proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae/v1/vae.proto
