@@ -84,10 +84,11 @@ endif
 image-lock: install ## rewrite deploy/docker/requirements-*.txt (the image's hash-checked locks) from pyproject.toml's pins
 	$(PY) deploy/docker/lock.py
 
-lint: install ## ruff (lint + format check) and mypy
+lint: install ## ruff (lint + format check), mypy and shellcheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy training serving tests docs/generate.py $(wildcard bench/*.py)
+	$(VENV)/bin/mypy training serving tests docs/generate.py deploy/docker/lock.py $(wildcard bench/*.py)
+	$(VENV)/bin/shellcheck deploy/docker/*.sh
 
 format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -75,9 +75,13 @@ stop)
   [ -s "$PIDFILE" ] || exit 0
   pid=$(cat "$PIDFILE")
   kill "$pid" 2>/dev/null || exit 0
-  # dockerd stops its containers (their stop timeouts) and its containerd, then exits.
+  # dockerd stops its containers (their stop timeouts) and its containerd, then exits; it leaves its network
+  # namespace file (exec root's netns/default) mounted, so that is unmounted after it.
   for _ in $(seq 600); do
-    kill -0 "$pid" 2>/dev/null || exit 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+      awk -v root="$ROOT/" 'index($2, root) == 1 { print $2 }' /proc/self/mounts | sort -r | xargs -r umount
+      exit 0
+    fi
     sleep 0.1
   done
   echo "error: dockerd ($pid) still runs 60 s after SIGTERM" >&2

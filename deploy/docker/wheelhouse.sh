@@ -16,7 +16,7 @@ WHEELS=${BUILD_DIR:-build/image}/wheels
 for name in "$TARGET" codegen; do
   dest=$WHEELS/$name
   mkdir -p "$dest"
-  pip=(${PYTHON:-python3} -m pip --isolated --disable-pip-version-check download --quiet --no-deps
+  pip=("${PYTHON:-python3}" -m pip --isolated --disable-pip-version-check download --quiet --no-deps
        --only-binary=:all: --require-hashes --dest "$dest" -r "$HERE/requirements-$name.txt")
   "${pip[@]}" --no-index --find-links "$dest" 2>/dev/null || "${pip[@]}"
   echo "wheelhouse $dest: $(find "$dest" -name '*.whl' | wc -l) wheels, $(du -sh "$dest" | cut -f1)"
