@@ -186,6 +186,7 @@ def test_sigterm_drains_to_exit_0_and_every_log_line_is_json(docker: Docker, ser
     stopped_s = time.monotonic() - start
     assert docker("inspect", "--format", "{{.State.ExitCode}}", CONTAINER).strip() == "0"
     assert stopped_s < grace_seconds
+    print(f"container: docker stop → exit 0 in {stopped_s:.1f} s (grace period {grace_seconds} s)")
     logs = subprocess.run(
         docker.command("logs", CONTAINER), env=docker.env, capture_output=True, text=True, timeout=30, check=True
     )
