@@ -152,5 +152,6 @@ audit: install ## pip-audit the installed dependencies against PyPI's advisories
 	build/audit-venv/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r build/audit-requirements.txt
 
 clean: ## remove the venv, generated gRPC code, caches and build outputs (keeps runs/ and models/)
+	test ! -s build/image/docker/dockerd.pid || deploy/docker/daemon.sh stop
 	rm -rf $(VENV) serving/proto .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
