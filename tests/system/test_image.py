@@ -4,8 +4,8 @@ The daemon is the project's own (deploy/docker/daemon.sh: its data under build/i
 firewall rules), the image the `cpu` target built by deploy/docker/build.sh with the tiny exported model baked
 in. The container runs like the Deployment's pod: read-only root, a tmpfs /tmp, uid 10001, no capabilities,
 no privilege escalation, the ConfigMap's settings, host networking on loopback (the kernel picks free ports).
-A first run on a clean machine installs Docker and debootstrap and builds the base (about 3 minutes); reruns
-reuse build/image/ and the daemon's build cache.
+A first run on a clean machine installs Docker and debootstrap, builds the base and downloads the wheels (3-5
+minutes on 2 cores); reruns reuse build/image/ and the daemon's build cache (about 30 s).
 """
 
 from __future__ import annotations
