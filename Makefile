@@ -15,7 +15,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: promote audit soak beta-sweep bench bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image
+.PHONY: promote audit soak beta-sweep bench bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -41,7 +41,7 @@ system-deps: ## install the Debian packages the tests need (prometheus, dataset-
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[training,dev]'
+	$(PY) -m pip install --quiet -e '.[gpu,training,dev]'
 	touch $@
 
 proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae/v1/vae.proto
@@ -61,16 +61,34 @@ docs: install ## regenerate docs/configuration.md from the settings' definitions
 deploy-check: install ## render + validate the k8s manifests, alert rules (promtool), dashboard and Dockerfile
 	$(PY) -m pytest tests/system/test_deploy.py tests/system/test_alerting.py
 
+# The image builds offline: deploy/docker/build.sh downloads the locked wheels into build/image/wheels/, picks
+# the base (the pinned official image, or one built from Debian packages where it cannot be pulled) and runs
+# `docker build --network none`. `image` uses your Docker; `image-check` the project's own daemon
+# (deploy/docker/daemon.sh: no bridge, no firewall rules; root), started and stopped around the check.
 MODEL ?=
 IMAGE ?= vae-server
-TARGET ?= gpu
-image: ## build the server image (TARGET=gpu|cpu; MODEL=models/vae-mnist bakes the model in; needs Docker)
-	docker build -f deploy/docker/Dockerfile --target $(TARGET) $(if $(MODEL),--build-arg MODEL=$(MODEL)) -t $(IMAGE):$(TARGET) .
+TARGET ?=
+image: ## build the server image offline (TARGET=gpu|cpu, default gpu; MODEL=models/vae-mnist bakes a model in; needs Docker)
+	PYTHON=$(PYTHON) deploy/docker/build.sh $(or $(TARGET),gpu) $(IMAGE):$(or $(TARGET),gpu) $(MODEL)
 
-lint: install ## ruff (lint + format check) and mypy
+image-check: install ## build the image on the project's own Docker daemon: TARGET=cpu (default) also runs it (tests/system/test_image.py); gpu builds and reports size and time
+ifeq ($(or $(TARGET),cpu),cpu)
+	$(PY) -m pytest tests/system/test_image.py -s
+else
+	deploy/docker/daemon.sh install
+	deploy/docker/daemon.sh start
+	eval "$$(deploy/docker/daemon.sh env)"; PYTHON=$(PY) deploy/docker/build.sh $(TARGET) $(IMAGE):$(TARGET) $(MODEL); \
+	  status=$$?; deploy/docker/daemon.sh stop; exit $$status
+endif
+
+image-lock: install ## rewrite deploy/docker/requirements-*.txt (the image's hash-checked locks) from pyproject.toml's pins
+	$(PY) deploy/docker/lock.py
+
+lint: install ## ruff (lint + format check), mypy and shellcheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy training serving tests docs/generate.py $(wildcard bench/*.py)
+	$(VENV)/bin/mypy training serving tests docs/generate.py deploy/docker/lock.py $(wildcard bench/*.py)
+	$(VENV)/bin/shellcheck deploy/docker/*.sh
 
 format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -147,5 +165,6 @@ audit: install ## pip-audit the installed dependencies against PyPI's advisories
 	build/audit-venv/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r build/audit-requirements.txt
 
 clean: ## remove the venv, generated gRPC code, caches and build outputs (keeps runs/ and models/)
+	test ! -s build/image/docker/dockerd.pid || deploy/docker/daemon.sh stop
 	rm -rf $(VENV) serving/proto .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -265,7 +265,7 @@ def _nvidia_driver_present() -> bool:
 
 
 def _preload_cuda_libraries() -> None:
-    """Load the CUDA and cuDNN libraries of the nvidia-* wheels (the `gpu` extra), where installed.
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels (the `cuda` extra), where installed.
 
     onnxruntime-gpu does not find those wheels' libraries by itself; `preload_dlls` does. It prints what it
     cannot load: that goes to the debug log, and a missing library shows up as the CPU fallback instead.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -442,39 +441,8 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_the_serving_dependencies_carry_no_torch() -> None:
-    """The image installs `pip install .`: pyproject.toml's base dependencies, which must not pull torch."""
+    """pyproject.toml's base dependencies (what the image's locks start from) must not pull torch."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not any(requirement.startswith("torch") for requirement in project["dependencies"])
-
-
-def test_the_images_install_steps_build_a_working_serving_package(tmp_path: Path) -> None:
-    """What the Dockerfile's build stage does, from the files it copies: codegen, then `pip install .`."""
-    context = tmp_path / "context"
-    context.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, context)
-    shutil.copytree(ROOT / "proto", context / "proto")
-    # serving/ without its generated code: the build generates it, as `make install` does here.
-    shutil.copytree(ROOT / "serving", context / "serving", ignore=shutil.ignore_patterns("__pycache__", "proto"))
-    python = sys.executable
-
-    def run(*args: str, cwd: Path = context) -> None:
-        subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True, timeout=300)
-
-    run(python, "-m", "serving.codegen")
-    run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target", str(tmp_path / "site"), ".")
-    site = tmp_path / "site"
-    assert (site / "serving" / "proto" / "vae" / "v1" / "vae_pb2_grpc.py").is_file()
-    assert not (site / "training").exists()  # only serving is copied into the image
-    probe = (
-        "import sys, serving.server.app, serving.client; "
-        f"assert serving.server.app.__file__.startswith({str(site)!r}), serving.server.app.__file__; "
-        "assert 'torch' not in sys.modules; print('ok')"
-    )
-    result = subprocess.run(
-        [python, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.stdout.strip() == "ok", result.stderr
