@@ -50,7 +50,7 @@ $(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
 	$(PY) -m serving.codegen
 
 test: install lint ## lint, then every test tier: unit, integration and system (what CI runs)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 test-fast: install ## unit and integration tests only (about a minute): the edit loop
 	$(PY) -m pytest tests/unit tests/integration

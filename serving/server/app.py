@@ -249,22 +249,33 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop; SIGHUP looks at the model directory at once."""
-    running = await start_server(config)
-    stop = asyncio.Event()
+    """Run until SIGTERM or SIGINT, then drain and stop; SIGHUP looks at the model directory at once.
+
+    The handlers are in place before start-up logs `server_started`, so a signal sent as soon as that line
+    appears is never lost (or, for SIGHUP's default action, fatal); SIGTERM during start-up stops the server
+    once it has started.
+    """
     loop = asyncio.get_running_loop()
+    stop, rescan = asyncio.Event(), asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    refreshes: set[asyncio.Task[None]] = set()
-
-    def refresh() -> None:
-        task = loop.create_task(running.models.refresh("signal"))
-        refreshes.add(task)
-        task.add_done_callback(refreshes.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, refresh)
+    loop.add_signal_handler(signal.SIGHUP, rescan.set)
+    running = await start_server(config)
+    refreshing = loop.create_task(_refresh_on_signal(rescan, running.models))
     await stop.wait()
+    refreshing.cancel()
     await running.stop()
+
+
+async def _refresh_on_signal(rescan: asyncio.Event, models: ModelManager) -> None:
+    """One refresh per SIGHUP; signals arriving during a refresh are answered by one more."""
+    while True:
+        await rescan.wait()
+        rescan.clear()
+        try:
+            await models.refresh("signal")
+        except Exception:  # as for polling: the versions served stay as they are, the next signal tries again
+            log.exception("model_refresh_failed")
 
 
 def main(argv: list[str] | None = None) -> int:
