@@ -52,8 +52,8 @@ $(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
 test: install lint ## lint, then every test tier: unit, integration and system (what CI runs)
 	$(PY) -m pytest --durations=15
 
-test-fast: install ## unit and integration tests only (about a minute): the edit loop
-	$(PY) -m pytest tests/unit tests/integration
+test-fast: install ## unit and integration tests only (about two minutes): the edit loop
+	$(PY) -m pytest tests/unit tests/integration --hypothesis-profile dev
 
 docs: install ## regenerate docs/configuration.md from the settings' definitions (a test fails when it is stale)
 	$(PY) docs/generate.py
