@@ -164,7 +164,7 @@ def validation_baseline(graph_bytes: dict[str, bytes], images: np.ndarray) -> di
         batch = images[start : start + BASELINE_BATCH]
         mu, log_var = sessions["encoder"].run(None, {repo.ENCODER_INPUT: batch})
         (decoded,) = sessions["decoder"].run(None, {repo.DECODER_INPUT: mu})
-        negative_elbo.append(scores.reconstruction_nats(batch, decoded) + scores.kl_nats(mu, log_var))
+        negative_elbo.append(scores.negative_elbo_nats(batch, mu, log_var, decoded))
         kl_rows.append(scores.kl_nats(mu[..., None], log_var[..., None]))  # per dimension: [batch, D]
     values = np.concatenate(negative_elbo)
     kl_per_dim = np.concatenate(kl_rows).mean(axis=0)

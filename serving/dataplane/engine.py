@@ -157,7 +157,7 @@ class VaeEngine:
             log.debug("encode inputs not scored: %s", exc)
             return
         if self.observer is not None:
-            self.observer.inputs_scored(scores.reconstruction_nats(images, decoded) + scores.kl_nats(mu, log_var))
+            self.observer.inputs_scored(await _off_loop(scores.negative_elbo_nats, images, mu, log_var, decoded))
 
     async def score(
         self, images: np.ndarray, importance_samples: int = 0, seed: int | None = None, deadline: float | None = None

@@ -62,6 +62,12 @@ def kl_nats(mu: np.ndarray, log_var: np.ndarray) -> np.ndarray:
     return 0.5 * (mu * mu + np.exp(log_var) - 1.0 - log_var).sum(axis=-1)
 
 
+def negative_elbo_nats(images: np.ndarray, mu: np.ndarray, log_var: np.ndarray, decoded_mean: np.ndarray) -> np.ndarray:
+    """The deterministic score alone (decoded_mean: the decoder's output at mu), [N]: the histogram's and the
+    baseline's figure, without the complexity `score` also computes."""
+    return reconstruction_nats(images, decoded_mean) + kl_nats(mu, log_var)
+
+
 def complexity_nats(images: np.ndarray) -> np.ndarray:
     """L(x) per image: DEFLATE-compressed length of its 8-bit rows (a PNG's image data, filter 0), in nats."""
     pixels = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8).reshape(images.shape[0], -1, images.shape[-1])
