@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,6 +49,19 @@ def _mnist_5k_pixels() -> np.ndarray:
 
     images, _ = mnist_data()
     return np.asarray(images, dtype=np.float32)
+
+
+def bce_nats(images: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """-log p(x|z) per image by torch's binary cross-entropy on the decoder's probabilities: the reference the
+    server's and export's scores are checked against."""
+    loss = F.binary_cross_entropy(torch.as_tensor(decoded), torch.as_tensor(images), reduction="none")
+    return loss.flatten(1).sum(1).double().numpy()
+
+
+def kl_per_dim_nats(mu: np.ndarray, log_var: np.ndarray) -> np.ndarray:
+    """KL(N(mu, exp(log_var)) || N(0, 1)) of each latent dimension, [N, D], in float64 (the reference)."""
+    mu64, lv = mu.astype(np.float64), log_var.astype(np.float64)
+    return -0.5 * (1 + lv - mu64**2 - np.exp(lv))
 
 
 def mnist_5k_images(count: int) -> torch.Tensor:
