@@ -11,8 +11,13 @@ from tests.helpers import ROOT
 
 
 def import_in_fresh_process(code: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a new interpreter whose HOME is `home` and whose environment sets no telemetry switch."""
-    clean = {key: value for key, value in os.environ.items() if key != "ORT_DISABLE_TELEMETRY"}
+    """Run `code` in a new interpreter whose HOME is `home` and whose environment sets no telemetry switch.
+
+    onnxruntime writes under $XDG_CACHE_HOME when it is set (as on CI machines that keep caches apart), else under
+    $HOME/.cache; ORT_RUNNING_UNIT_TESTS turns its telemetry off. Neither may leak in from the caller's environment.
+    """
+    inherited = ("ORT_DISABLE_TELEMETRY", "ORT_RUNNING_UNIT_TESTS", "XDG_CACHE_HOME")
+    clean = {key: value for key, value in os.environ.items() if key not in inherited}
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env={**clean, "HOME": str(home), **env},
         capture_output=True, text=True, timeout=120, check=True,
