@@ -52,9 +52,24 @@ def test_each_lock_was_written_from_the_current_pins(name: str) -> None:
     """A pin changed in pyproject.toml without `python deploy/docker/lock.py` fails here."""
     requirements = lock_module().lock_inputs(PROJECT)[name]
     header, locked_pins = locked(name)
+    if name == "gpu":  # one resolution, written as two locks: the CUDA wheels and the rest
+        cuda_header, cuda_pins = locked("cuda")
+        assert f"# Resolved from: {' '.join(requirements)}" in cuda_header
+        locked_pins = {**locked_pins, **cuda_pins}
     assert f"# Resolved from: {' '.join(requirements)}" in header
     for package, version in pins(requirements).items():
         assert locked_pins.get(package) == version, f"requirements-{name}.txt: {package} is not {version}"
+
+
+def test_the_cuda_lock_holds_the_gpu_resolutions_nvidia_wheels_and_only_those() -> None:
+    """The gpu image installs requirements-cuda.txt in a layer of its own (GBs that a grpcio bump must not
+    re-ship), so every CUDA wheel is there and nothing else is."""
+    _, gpu = locked("gpu")
+    _, cuda = locked("cuda")
+    assert cuda, "requirements-cuda.txt is empty"
+    assert all(package.startswith("nvidia-") for package in cuda), cuda
+    assert not [package for package in gpu if package.startswith("nvidia-")], gpu
+    assert {"nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-cuda-runtime"} <= cuda.keys()
 
 
 def test_the_cpu_image_has_the_gpu_images_onnxruntime_and_no_cuda() -> None:
