@@ -11,15 +11,16 @@ from tests.helpers import ROOT
 
 
 def import_in_fresh_process(code: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a new interpreter whose HOME is `home` and whose environment sets no telemetry switch.
+    """Run `code` in a new interpreter whose environment holds only PATH, HOME=`home` and `env`.
 
-    onnxruntime writes under $XDG_CACHE_HOME when it is set (as on CI machines that keep caches apart), else under
-    $HOME/.cache; ORT_RUNNING_UNIT_TESTS turns its telemetry off. Neither may leak in from the caller's environment.
+    onnxruntime decides on telemetry from the environment: it stays off where any CI system's variable is set
+    (CI, GITHUB_ACTIONS, JENKINS_URL, ...) or ORT_RUNNING_UNIT_TESTS, and writes under $XDG_CACHE_HOME when that
+    is set, else under $HOME/.cache. Nothing of the caller's environment may leak in, or the controls below see
+    nothing on a CI machine.
     """
-    inherited = ("ORT_DISABLE_TELEMETRY", "ORT_RUNNING_UNIT_TESTS", "XDG_CACHE_HOME")
-    clean = {key: value for key, value in os.environ.items() if key not in inherited}
+    minimal = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env={**clean, "HOME": str(home), **env},
+        [sys.executable, "-c", code], cwd=ROOT, env={**minimal, **env},
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
 
