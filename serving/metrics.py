@@ -19,6 +19,8 @@ import numpy as np
 import prometheus_client as prom
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from serving.dataplane.scores import BASELINE_QUANTILES, quantile_key
+
 GRAPHS = ("encoder", "decoder")
 LOAD_RESULTS = ("loaded", "failed")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -27,7 +29,7 @@ _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 _SCORE_BUCKETS = tuple(round(25 * 2 ** (i / 2), 1) for i in range(15))
 # Posterior-mean norms: ~sqrt(latent_dim) for inputs like the training data. 0.5 .. 16 in steps of √2.
 _NORM_BUCKETS = tuple(round(0.5 * 2 ** (i / 2), 2) for i in range(11))
-BASELINE_QUANTILES = ("0.01", "0.05", "0.5", "0.95", "0.99")
+_BASELINE_KEYS = tuple(map(quantile_key, BASELINE_QUANTILES))  # as the manifest's score_quantiles name them
 
 
 class Metrics:
@@ -148,7 +150,7 @@ class Metrics:
         self._info[v] = (name, v, provider, "")
         self.model_info.labels(*self._info[v]).set(1)
         self.model_loads.labels("loaded").inc()
-        for quantile in BASELINE_QUANTILES:
+        for quantile in _BASELINE_KEYS:
             if quantile in score_quantiles:
                 self.score_baseline.labels(v, quantile).set(score_quantiles[quantile])
         for method in self.methods:
@@ -180,7 +182,7 @@ class Metrics:
                 family.remove(graph, v)
         for histogram in (self.input_score, self.latent_norm):
             histogram.remove(v)
-        for quantile in BASELINE_QUANTILES:
+        for quantile in _BASELINE_KEYS:
             with contextlib.suppress(KeyError):  # a manifest without a baseline has none of these
                 self.score_baseline.remove(v, quantile)
 

@@ -48,7 +48,6 @@ OPSET = 23  # the newest opset that both torch's exporter and onnxruntime 1.31 i
 PARITY_BATCH_SIZES = (1, 7, 256)
 PARITY_TOLERANCE = 1e-5  # max absolute difference, onnxruntime CPU vs PyTorch eval, for mu, log_var and images
 PRODUCER = "vae-service training.export"
-BASELINE_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
 ACTIVE_KL_NATS = 0.01  # a latent dimension whose mean KL is at most this carries no information: inactive
 BASELINE_BATCH = 1000
 
@@ -171,7 +170,9 @@ def validation_baseline(graph_bytes: dict[str, bytes], images: np.ndarray) -> di
     return {
         "images": len(images),
         "score": "negative ELBO in nats, reconstruction at the posterior mean (serving.dataplane.scores)",
-        "score_quantiles": {f"{q:g}": round(float(np.quantile(values, q)), 3) for q in BASELINE_QUANTILES},
+        "score_quantiles": {
+            scores.quantile_key(q): round(float(np.quantile(values, q)), 3) for q in scores.BASELINE_QUANTILES
+        },
         "score_mean": round(float(values.mean()), 3),
         "kl_per_dim": [round(float(v), 4) for v in kl_per_dim],
         "active_threshold_nats": ACTIVE_KL_NATS,

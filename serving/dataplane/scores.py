@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 LOG_CLAMP = -100.0  # PyTorch's binary_cross_entropy clamps each log at -100
+# The quantiles of the negative ELBO a manifest's baseline holds (export writes them, /metrics exports them),
+# keyed by quantile_key(q) in model.json and in the gauge's `quantile` label.
+BASELINE_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
 _LOG_2PI = math.log(2.0 * math.pi)
 _NATS_PER_BIT = math.log(2.0)
 
@@ -44,6 +47,11 @@ class ImageScores:
     @property
     def corrected(self) -> np.ndarray:
         return self.negative_elbo - self.complexity
+
+
+def quantile_key(quantile: float) -> str:
+    """0.99 → "0.99": how a baseline quantile is named in model.json and in /metrics."""
+    return f"{quantile:g}"
 
 
 def reconstruction_nats(images: np.ndarray, decoded: np.ndarray) -> np.ndarray:
