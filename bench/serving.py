@@ -107,7 +107,7 @@ def sweep(
             figures = process_figures[mode] = {"startup_to_serving_s": round(startup_s, 3)}
             if provider == "cuda":  # the warm-up ran at start-up, before the server said it serves
                 figures["gpu_memory_bytes_after_warm_up"] = process.gpu_memory_bytes()
-            mode_rpcs = ("decode",) if mode in BASELINES else rpcs
+            mode_rpcs = ("decode",) if mode in baselines else rpcs
             loads = [(rpc, 64, 1) for rpc in mode_rpcs]
             loads += [(rpc, 1, c) for rpc in mode_rpcs for c in concurrencies]
             for rpc, rows, concurrency in loads:
@@ -119,10 +119,18 @@ def sweep(
     return points, process_figures
 
 
+def point(points: list[dict[str, Any]], mode: str, rpc: str, rows: int, concurrency: int) -> dict[str, Any] | None:
+    """The point of that load, or None where this run did not measure it."""
+    key = (mode, rpc, rows, concurrency)
+    return next((p for p in points if (p["mode"], p["rpc"], p["rows"], p["concurrency"]) == key), None)
+
+
 def find(points: list[dict[str, Any]], mode: str, rpc: str, rows: int, concurrency: int) -> dict[str, Any]:
-    return next(
-        p for p in points if (p["mode"], p["rpc"], p["rows"], p["concurrency"]) == (mode, rpc, rows, concurrency)
-    )
+    """The point of a load the summary needs."""
+    found = point(points, mode, rpc, rows, concurrency)
+    if found is None:
+        raise KeyError(f"no {mode} {rpc} point for {concurrency} callers x {rows} rows")
+    return found
 
 
 def summary(points: list[dict[str, Any]], limit: list[dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
@@ -188,14 +196,8 @@ def cpu_table(points: list[dict[str, Any]]) -> str:
     lines = ["| Decode, callers x rows | " + " | ".join(f"{m} CPU ms/req" for m in modes) + " |"]
     lines.append("|" + " --- |" * (1 + len(modes)))
     for rows, callers in loads:
-        cells = [
-            next(
-                (f"{p['server_cpu_ms_per_request']:.3f}" for p in points if
-                 (p["mode"], p["rpc"], p["rows"], p["concurrency"]) == (mode, "decode", rows, callers)),
-                "",
-            )
-            for mode in modes
-        ]  # fmt: skip
+        found = [point(points, mode, "decode", rows, callers) for mode in modes]
+        cells = [f"{p['server_cpu_ms_per_request']:.3f}" if p else "" for p in found]
         lines.append(f"| {callers} x {rows} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -209,13 +211,9 @@ def markdown_table(points: list[dict[str, Any]]) -> str:
     for rpc, rows, concurrency in loads:
         cells = []
         for mode in modes:
-            found = [
-                p
-                for p in points
-                if (p["mode"], p["rpc"], p["rows"], p["concurrency"]) == (mode, rpc, rows, concurrency)
-            ]
+            found = point(points, mode, rpc, rows, concurrency)
             cells += (
-                [f"{found[0]['requests_per_s']:,.0f}", f"{found[0]['p50_ms']:.2f} / {found[0]['p99_ms']:.2f}"]
+                [f"{found['requests_per_s']:,.0f}", f"{found['p50_ms']:.2f} / {found['p99_ms']:.2f}"]
                 if found
                 else ["", ""]
             )
