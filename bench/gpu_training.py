@@ -23,7 +23,7 @@ import torch
 
 from bench.gpu_check import StepRecord, seconds_left, step_arguments
 from training.model import VAE
-from training.train import TrainConfig, make_optimizer, make_train_step, shuffled_batches, train
+from training.train import TrainConfig, make_optimizer, make_train_step, read_metrics, shuffled_batches, train
 
 GOAL_EPOCHS, GOAL_IMAGES, GOAL_SECONDS = 20, 60_000, 5.0
 COMPILE_RESERVE_S = 60.0  # a compiled variant is not started with less time than this left
@@ -47,7 +47,7 @@ def training(record: StepRecord, device: str, quick: bool, work: Path) -> None:
     started = time.perf_counter()
     evaluation = train(config)
     seconds = time.perf_counter() - started
-    rows = [row for row in _read_jsonl(out / "metrics.jsonl")]
+    rows = read_metrics(out / "metrics.jsonl")
     record["evaluation"] = evaluation
     record["epochs"] = [
         {key: row[key] for key in ("epoch", "seconds", "samples_per_second", "val_loss")} for row in rows
@@ -63,12 +63,6 @@ def training(record: StepRecord, device: str, quick: bool, work: Path) -> None:
         f"{rows[-1]['samples_per_second']:,.0f} samples/s in the last epoch"
     ]
     record["status"] = "ok"
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def epoch_rate(images: torch.Tensor, batch_size: int, bf16: bool, compiled: bool) -> dict[str, float | int | str]:
