@@ -17,8 +17,6 @@ memory   GPU memory (and RSS) a server holds after warm-up and after batches up 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +29,8 @@ from bench.gpu_check import TOLERANCE, StepRecord, step_arguments
 from bench.limit import measure as measure_limit
 from bench.limit import rows_per_second
 from bench.loadgen import pin_to_cpus
-from bench.server_process import ServerProcess
-from bench.serving import LOAD_CPUS, MODES, cpu_per_request, cpu_table, sweep
+from bench.server_process import ServerProcess, gpu_used_total_bytes
+from bench.serving import LOAD_CPUS, MODES, cpu_per_request, cpu_table, find, sweep
 from serving.client import VaeClient
 from serving.dataplane.repository import GraphSpec, load_version
 from serving.dataplane.runtime import CPU, CUDA, IoBinding, Provider, RuntimeOptions, load_sessions, session_options
@@ -230,7 +228,7 @@ def serving_sweep(record: StepRecord, provider: str, quick: bool, work: Path) ->
     record["cpu_table"] = cpu_table(points)
 
     def point(mode: str, rows: int, callers: int) -> dict[str, Any]:
-        return next(p for p in points if (p["mode"], p["rows"], p["concurrency"]) == (mode, rows, callers))
+        return find(points, mode, "decode", rows, callers)
 
     record["headline"] = [
         f"{mode}: 1 x 64 {point(mode, 64, 1)['rows_per_s']:,.0f} rows/s "
@@ -241,17 +239,6 @@ def serving_sweep(record: StepRecord, provider: str, quick: bool, work: Path) ->
     ]
     errors = [p for p in points if p["errors"] or not p["requests"]]
     record["status"] = f"failed: {len(errors)} load(s) had errors or no requests" if errors else "ok"
-
-
-def gpu_used_total_bytes() -> int | None:
-    """Memory used on GPU 0 by everything (nvidia-smi), for when per-process figures are not available."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"]
-    try:
-        return int(subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout) * 1024 * 1024
-    except (subprocess.SubprocessError, OSError, ValueError):
-        return None
 
 
 ARENAS = {

@@ -41,18 +41,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
 
 
+def nvidia_smi(*query: str) -> str | None:
+    """What `nvidia-smi QUERY --format=csv,noheader,nounits` prints; None where it is missing or fails."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    command = ["nvidia-smi", *query, "--format=csv,noheader,nounits"]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+
+
 def gpu_memory_bytes(pid: int) -> int | None:
     """GPU memory process `pid` holds, per nvidia-smi; None where nvidia-smi is missing or does not list it
     (in a container nvidia-smi may show host process ids only)."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-    try:
-        listing = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
+    listing = nvidia_smi("--query-compute-apps=pid,used_memory")
+    if listing is None:
         return None
     used = [int(mib) for line in listing.splitlines() for listed, mib in [line.split(",")] if int(listed) == pid]
     return sum(used) * 1024 * 1024 if used else None
+
+
+def gpu_used_total_bytes() -> int | None:
+    """Memory used on GPU 0 by everything (nvidia-smi), for when per-process figures are not available."""
+    used = nvidia_smi("--query-gpu=memory.used", "--id=0")
+    try:
+        return None if used is None else int(used) * 1024 * 1024
+    except ValueError:
+        return None
 
 
 class ServerProcess:
