@@ -140,6 +140,8 @@ def training_speed(record: StepRecord, device: str, quick: bool, deadline: float
                 )
         record["variants"] = results
     measured = [r for r in results if r["status"] == "ok"]
+    if not measured:  # the step fails with what each variant said, not with min()'s empty sequence
+        raise RuntimeError("no training variant ran: " + "; ".join(r["status"] for r in results))
     best = min(measured, key=lambda r: r["projected_20_epochs_of_60k_s"])
     record["images_per_epoch"] = count
     record["device"] = str(torch.device(device))
