@@ -84,10 +84,11 @@ endif
 image-lock: install ## rewrite deploy/docker/requirements-*.txt (the image's hash-checked locks) from pyproject.toml's pins
 	$(PY) deploy/docker/lock.py
 
-lint: install ## ruff (lint + format check), mypy and shellcheck
+lint: install ## ruff (lint + format check), mypy, the layer rules (import-linter) and shellcheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy training serving tests docs/generate.py deploy/docker/lock.py $(wildcard bench/*.py)
+	$(VENV)/bin/mypy contract training serving tests docs/generate.py deploy/docker/lock.py $(wildcard bench/*.py)
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/shellcheck deploy/docker/*.sh
 
 format: install ## apply ruff's fixes and formatting
@@ -104,9 +105,9 @@ export: install ## export the newest run's best.pt (or RUN=runs/<name>) as the n
 	$(PY) -m training.export --checkpoint $(EXPORT_CHECKPOINT) --repository $(REPOSITORY) --name $(NAME)
 
 SERVE_MODEL_DIR = $(or $(VAE_MODEL_DIR),$(REPOSITORY)/$(NAME))
-promote: install ## point LABEL (stable, canary, ...) at VERSION in $(REPOSITORY)/$(NAME); running servers follow within their poll interval
-	@test -n "$(LABEL)" -a -n "$(VERSION)" || { echo "error: give both: make promote VERSION=3 LABEL=stable" >&2; exit 1; }
-	$(PY) -m serving.dataplane.repository label $(SERVE_MODEL_DIR) $(LABEL) $(VERSION)
+promote: install ## point LABEL (default stable) at VERSION in $(REPOSITORY)/$(NAME); running servers follow within their poll interval
+	@test -n "$(VERSION)" || { echo "error: name the version: make promote VERSION=3 [LABEL=stable]" >&2; exit 1; }
+	$(VENV)/bin/vae-models promote $(SERVE_MODEL_DIR) $(VERSION) --label $(or $(LABEL),stable)
 
 
 serve: install ## serve the newest version of $(REPOSITORY)/$(NAME) over gRPC (VAE_* env vars apply; ARGS="--port 6000" adds flags)

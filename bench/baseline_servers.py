@@ -29,10 +29,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from bench.loadgen import pin_to_cpus
+from contract.repository import load_version
 from serving.api import SERVICE_NAME, pb, pb_grpc
 from serving.api.tensors import fill_tensor, tensor_from_proto
-from serving.dataplane.repository import load_version
-from serving.dataplane.runtime import GraphSession, Provider, RuntimeOptions, load_sessions
+from serving.dataplane.runtime import GraphSession, Provider, RuntimeSettings, load_sessions
 
 IMAGE_SHAPE = (1, 28, 28)
 KINDS = ("echo", "minimal")
@@ -78,7 +78,7 @@ def build_servicer(kind: str, model_dir: Path, provider: Provider, latent_dim: i
     if kind == "echo":
         return EchoServicer(latent_dim)
     version = load_version(model_dir)
-    runtime = load_sessions(version, RuntimeOptions(provider=provider, intra_op_threads=1))
+    runtime = load_sessions(version, RuntimeSettings(provider=provider, intra_op_threads=1))
     return MinimalServicer(runtime.decoder, version.latent_dim)
 
 

@@ -31,9 +31,9 @@ from bench.limit import rows_per_second
 from bench.loadgen import pin_to_cpus
 from bench.server_process import ServerProcess, gpu_used_total_bytes
 from bench.serving import LOAD_CPUS, MODES, cpu_per_request, cpu_table, find, sweep
+from contract.repository import GraphSpec, load_version
 from serving.client import VaeClient
-from serving.dataplane.repository import GraphSpec, load_version
-from serving.dataplane.runtime import CPU, CUDA, IoBinding, Provider, RuntimeOptions, load_sessions, session_options
+from serving.dataplane.runtime import CPU, CUDA, IoBinding, Provider, RuntimeSettings, load_sessions, session_options
 
 BATCH_SIZES = (1, 64, 256, 1024)
 IO_BINDINGS: tuple[IoBinding, ...] = ("off", "on", "pinned")
@@ -69,7 +69,7 @@ def parity_inputs(model_dir: Path, rows: int = 256) -> tuple[np.ndarray, np.ndar
     inputs without loading a dataset)."""
     version = load_version(model_dir)
     latents = np.random.default_rng(0).standard_normal((rows, version.latent_dim), dtype=np.float32)
-    (images,) = load_sessions(version, RuntimeOptions(provider="cpu", intra_op_threads=1)).decoder.run(latents)
+    (images,) = load_sessions(version, RuntimeSettings(provider="cpu", intra_op_threads=1)).decoder.run(latents)
     return latents, images
 
 
@@ -131,7 +131,7 @@ class CudaGraphRunner:
     the host input copied in place and the outputs copied out on every run (what a server would have to do)."""
 
     def __init__(self, spec: GraphSpec, rows: int) -> None:
-        options = RuntimeOptions(provider="cuda", intra_op_threads=1)
+        options = RuntimeSettings(provider="cuda", intra_op_threads=1)
         provider_options = {**options.cuda_provider_options(), "enable_cuda_graph": "1"}
         self.session = ort.InferenceSession(
             spec.model_bytes, session_options(options), providers=[(CUDA, provider_options)]

@@ -21,8 +21,8 @@ from typing import Protocol
 import numpy as np
 
 from bench.loadgen import pin_to_cpus
-from serving.dataplane.repository import load_version
-from serving.dataplane.runtime import IoBinding, Provider, RuntimeOptions, load_sessions
+from contract.repository import load_version
+from serving.dataplane.runtime import IoBinding, Provider, RuntimeSettings, load_sessions
 
 BATCH_SIZES = (1, 64, 1024)
 
@@ -60,7 +60,7 @@ def measure(
 ) -> list[dict[str, object]]:
     """rows/s of decoder and encoder at each batch size, as dicts ready for JSON."""
     model = load_version(model_dir)
-    runtime = load_sessions(model, RuntimeOptions(provider=provider, intra_op_threads=threads, io_binding=io_binding))
+    runtime = load_sessions(model, RuntimeSettings(provider=provider, intra_op_threads=threads, io_binding=io_binding))
     rng = np.random.default_rng(0)
     results: list[dict[str, object]] = []
     for rows in batch_sizes:

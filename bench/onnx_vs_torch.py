@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from serving.dataplane.runtime import RuntimeOptions, session_options
+from serving.dataplane.runtime import RuntimeSettings, session_options
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.export import export_graphs
 from training.model import VAE, VAEConfig
@@ -39,7 +39,7 @@ BATCH_SIZES = (1, 64, 1024)
 
 def tuned_session_options(threads: int) -> ort.SessionOptions:
     """The options the server runs with (serving.dataplane.runtime), on the CPU with `threads` intra-op threads."""
-    return session_options(RuntimeOptions(provider="cpu", intra_op_threads=threads))
+    return session_options(RuntimeSettings(provider="cpu", intra_op_threads=threads))
 
 
 def offline_optimized(graph: bytes) -> bytes:

@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from contract.settings import reference_table
 from serving.server.config import ENV_PREFIX as SERVER_ENV_PREFIX
 from serving.server.config import ServerConfig
-from serving.settings import reference_table
 from training.train import ENV_PREFIX as TRAIN_ENV_PREFIX
 from training.train import TrainConfig
 

@@ -19,7 +19,7 @@ import numpy as np
 import prometheus_client as prom
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from serving.dataplane.scores import BASELINE_QUANTILES, quantile_key
+from contract.scores import BASELINE_QUANTILES, quantile_key
 
 GRAPHS = ("encoder", "decoder")
 LOAD_RESULTS = ("loaded", "failed")

@@ -30,10 +30,10 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server_process import ServerProcess, rss_bytes
-from serving.dataplane.repository import DECODER_FILE, MANIFEST_FILE
+from contract.repository import DECODER_FILE, MANIFEST_FILE
+from contract.settings import build
 from serving.server.app import RunningServer, start_server
 from serving.server.config import ServerConfig
-from serving.settings import build
 from training.checkpoint import save_checkpoint
 from training.model import VAE, VAEConfig, vae_loss
 

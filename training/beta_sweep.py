@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from serving.settings import SettingError
+from contract.settings import SettingError
 from training.data import DataError
 from training.train import TrainConfig, train
 

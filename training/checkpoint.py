@@ -15,14 +15,13 @@ A checkpoint is a plain dict of tensors and primitives, so it loads with `torch.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from contract.files import atomic_replace
 from training.model import VAE, VAEConfig
 
 
@@ -38,14 +37,8 @@ def save_checkpoint(path: Path, model: VAE, **fields: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_args": asdict(model.config), "model": model.state_dict(), **fields}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_replace(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -8,10 +8,10 @@ writes `models/vae-mnist/<N>/{encoder.onnx, decoder.onnx, model.json}`; N is the
 `torch.onnx.export(dynamo=True)` with a dynamic batch axis, pass `onnx.checker` (full check) and must match
 PyTorch (eval mode) on onnxruntime's CPU provider within 1e-5 at batch 1, 7 and 256. Everything is built in
 memory, written into a temporary directory beside the versions, verified with the same reader the server
-uses (`serving.dataplane.repository`) and renamed into place: a failure or a crash never leaves a half version.
+uses (`contract.repository`) and renamed into place: a failure or a crash never leaves a half version.
 
 The manifest's `baseline` is what the exported graphs make of the training run's validation images, scored
-exactly as the server scores its inputs (`serving.dataplane.scores`): quantiles of the negative ELBO (the
+exactly as the server scores its inputs (`contract.scores`): quantiles of the negative ELBO (the
 drift alert's reference), the mean KL of each latent dimension and the active ones (Traverse reports them).
 Where the dataset cannot be loaded (`--data-dir` points at it), the version is exported without a baseline.
 """
@@ -38,8 +38,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from serving.dataplane import repository as repo
-from serving.dataplane import scores
+from contract import manifest as schema
+from contract import repository as repo
+from contract import scores
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.data import DataError, load_dataset
 from training.model import VAE
@@ -153,7 +154,9 @@ def check_parity(model: VAE, graph_bytes: dict[str, bytes], tolerance: float | N
     return worst
 
 
-def validation_baseline(graph_bytes: dict[str, bytes], images: np.ndarray) -> dict[str, Any]:
+def validation_baseline(
+    graph_bytes: dict[str, bytes], images: np.ndarray, dataset: str, split: str = "validation"
+) -> schema.Baseline:
     """The exported graphs' scores of `images` (the validation split): quantiles, KL per dimension, active ones."""
     sessions = {
         role: ort.InferenceSession(data, providers=["CPUExecutionProvider"]) for role, data in graph_bytes.items()
@@ -167,22 +170,24 @@ def validation_baseline(graph_bytes: dict[str, bytes], images: np.ndarray) -> di
         kl_rows.append(scores.kl_nats(mu[..., None], log_var[..., None]))  # per dimension: [batch, D]
     values = np.concatenate(negative_elbo)
     kl_per_dim = np.concatenate(kl_rows).mean(axis=0)
-    return {
-        "images": len(images),
-        "score": "negative ELBO in nats, reconstruction at the posterior mean (serving.dataplane.scores)",
-        "score_quantiles": {
+    return schema.Baseline(
+        dataset=dataset,
+        split=split,
+        images=len(images),
+        score="negative ELBO in nats, reconstruction at the posterior mean (contract.scores)",
+        score_quantiles={
             scores.quantile_key(q): round(float(np.quantile(values, q)), 3) for q in scores.BASELINE_QUANTILES
         },
-        "score_mean": round(float(values.mean()), 3),
-        "kl_per_dim": [round(float(v), 4) for v in kl_per_dim],
-        "active_threshold_nats": ACTIVE_KL_NATS,
-        "active_dimensions": [d for d, v in enumerate(kl_per_dim.tolist()) if v > ACTIVE_KL_NATS],
-    }
+        score_mean=round(float(values.mean()), 3),
+        kl_per_dim=tuple(round(float(v), 4) for v in kl_per_dim),
+        active_threshold_nats=ACTIVE_KL_NATS,
+        active_dimensions=tuple(d for d, v in enumerate(kl_per_dim.tolist()) if v > ACTIVE_KL_NATS),
+    )
 
 
 def checkpoint_baseline(
     checkpoint: dict[str, Any], graph_bytes: dict[str, bytes], data_dir: Path | None
-) -> dict[str, Any] | None:
+) -> schema.Baseline | None:
     """`validation_baseline` on the checkpoint's own validation split; None (with a warning) without its data."""
     train_config = checkpoint.get("train_config") or {}
     name = checkpoint.get("dataset")
@@ -193,8 +198,7 @@ def checkpoint_baseline(
     except DataError as exc:
         print(f"warning: exporting without a validation baseline (no drift reference): {exc}", file=sys.stderr)
         return None
-    images = dataset.validation.images.numpy()
-    return {"dataset": dataset.name, "split": "validation", **validation_baseline(graph_bytes, images)}
+    return validation_baseline(graph_bytes, dataset.validation.images.numpy(), dataset.name)
 
 
 def build_manifest(
@@ -205,58 +209,64 @@ def build_manifest(
     checkpoint_path: Path,
     graph_bytes: dict[str, bytes],
     parity: dict[str, float],
-    baseline: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    baseline: schema.Baseline | None = None,
+) -> schema.Manifest:
     """model.json: what serving verifies (names, shapes, checksums) and what people ask about a version."""
     config = model.config
     signatures = repo.expected_signatures(config.latent_dim, config.image_shape)
     files = {"encoder": repo.ENCODER_FILE, "decoder": repo.DECODER_FILE}
-    return {
-        "format_version": repo.FORMAT_VERSION,
-        "name": name,
-        "version": version,
-        "latent_dim": config.latent_dim,
-        "image": {"shape": list(config.image_shape), "dtype": "float32", "value_range": [0.0, 1.0]},
-        "graphs": {
-            role: {
-                "file": files[role],
-                "sha256": repo.sha256_hex(data),
-                "size_bytes": len(data),
-                "inputs": [spec.to_json() for spec in signatures[role][0]],
-                "outputs": [spec.to_json() for spec in signatures[role][1]],
-            }
-            for role, data in graph_bytes.items()
-        },
-        "opset": OPSET,
-        "exporter": {
-            "producer": f"{PRODUCER} {package_version('vae-service')}",
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxscript": package_version("onnxscript"),
-            "onnxruntime": ort.__version__,
-        },
-        "parity": {
-            "provider": "CPUExecutionProvider",
-            "batch_sizes": list(PARITY_BATCH_SIZES),
-            "tolerance": PARITY_TOLERANCE,
-            "max_abs_diff": parity,
-        },
-        "training": {
-            "checkpoint": str(checkpoint_path),
-            "checkpoint_sha256": repo.sha256_hex(checkpoint_path.read_bytes()),
-            "dataset": checkpoint.get("dataset"),
-            "epochs": checkpoint.get("epoch"),
-            "metrics": checkpoint.get("metrics", {}),
-            "model_args": asdict(config),
-            "train_config": checkpoint.get("train_config", {}),
-        },
-        **({"baseline": baseline} if baseline is not None else {}),
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    graphs = {
+        role: schema.Graph(
+            file=files[role],
+            sha256=repo.sha256_hex(data),
+            size_bytes=len(data),
+            inputs=signatures[role][0],
+            outputs=signatures[role][1],
+        )
+        for role, data in graph_bytes.items()
     }
+    return schema.Manifest(
+        format_version=schema.FORMAT_VERSION,
+        name=name,
+        version=version,
+        latent_dim=config.latent_dim,
+        image=schema.Image(shape=config.image_shape),
+        graphs=schema.Graphs(**graphs),
+        opset=OPSET,
+        exporter=schema.Exporter(
+            producer=f"{PRODUCER} {package_version('vae-service')}",
+            torch=str(torch.__version__),
+            onnx=str(onnx.__version__),
+            onnxscript=package_version("onnxscript"),
+            onnxruntime=str(ort.__version__),
+        ),
+        parity=schema.Parity(
+            provider="CPUExecutionProvider",
+            batch_sizes=PARITY_BATCH_SIZES,
+            tolerance=PARITY_TOLERANCE,
+            max_abs_diff=parity,
+        ),
+        training=schema.Training(
+            checkpoint=str(checkpoint_path),
+            checkpoint_sha256=repo.sha256_hex(checkpoint_path.read_bytes()),
+            dataset=checkpoint.get("dataset"),
+            epochs=checkpoint.get("epoch"),
+            metrics=_json_ready(checkpoint.get("metrics", {})),
+            model_args=asdict(config),
+            train_config=_json_ready(checkpoint.get("train_config", {})),
+        ),
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        baseline=baseline,
+    )
+
+
+def _json_ready(fields: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint fields are meant to be primitives; a stray tensor or Path still makes a readable manifest."""
+    result: dict[str, Any] = json.loads(json.dumps(fields, default=_json_value))
+    return result
 
 
 def _json_value(value: Any) -> Any:
-    """Checkpoint fields are meant to be primitives; a stray tensor or Path still makes a readable manifest."""
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
@@ -368,7 +378,7 @@ def export(
         files = {
             repo.ENCODER_FILE: graph_bytes["encoder"],
             repo.DECODER_FILE: graph_bytes["decoder"],
-            repo.MANIFEST_FILE: (json.dumps(manifest, indent=2, default=_json_value) + "\n").encode(),
+            repo.MANIFEST_FILE: schema.encode(manifest),
         }
         return publish(staging, files, name, version, force=force)
 
@@ -392,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # torch's can span pages
         print(f"error: {first_line}", file=sys.stderr)
         return 1
-    manifest = json.loads((target / repo.MANIFEST_FILE).read_text())
-    worst = max(manifest["parity"]["max_abs_diff"].values())
-    print(f"exported {args.name} version {manifest['version']} to {target} (parity max abs diff {worst:.2g})")
+    manifest = repo.read_manifest(target / repo.MANIFEST_FILE)
+    worst = max(manifest.parity.max_abs_diff.values())
+    print(f"exported {args.name} version {manifest.version} to {target} (parity max abs diff {worst:.2g})")
     return 0
 
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
-from serving.dataplane.interpolation import interpolate
+from contract.interpolation import interpolate
 from training.data import Dataset
 from training.evaluate import encode_all
 from training.model import VAE

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from serving import settings
-from serving.settings import SettingError, check_settings, setting
+from contract import settings
+from contract.settings import SettingError, check_settings, setting
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.data import DATASETS, DataError, Dataset, load_dataset
 from training.evaluate import elbo_terms, evaluate
@@ -382,7 +382,7 @@ def append_metrics(path: Path, row: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One --flag per TrainConfig field (serving.settings), each with its VAE_TRAIN_* twin."""
+    """One --flag per TrainConfig field (contract.settings), each with its VAE_TRAIN_* twin."""
     return settings.build_parser(TrainConfig, ENV_PREFIX, prog="python -m training.train", description=__doc__)
 
 

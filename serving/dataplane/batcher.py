@@ -26,8 +26,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from contract.settings import SettingError, check_settings, setting
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
-from serving.settings import SettingError, check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ _RUN_SECONDS_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
-class BatchPolicy:
+class BatchSettings:
     """How requests are merged into onnxruntime runs (one policy for both graphs)."""
 
     max_batch_size: int = setting(
@@ -96,7 +96,7 @@ class BatchPolicy:
 
 
 def batch_wait_seconds(
-    policy: BatchPolicy, queued_rows: int, oldest_waited_s: float, expected_rows: int, previous_gap_s: float
+    policy: BatchSettings, queued_rows: int, oldest_waited_s: float, expected_rows: int, previous_gap_s: float
 ) -> float:
     """How much longer the free worker should wait before running the queued rows (0: run them now).
 
@@ -115,7 +115,7 @@ def batch_wait_seconds(
     return max_delay_s - oldest_waited_s
 
 
-def expected_rows(policy: BatchPolicy, peak_rows: int, rows_during_run: int) -> int:
+def expected_rows(policy: BatchSettings, peak_rows: int, rows_during_run: int) -> int:
     """The rows the adaptive policy waits for: as many as the largest recent batch (`peak_rows`).
 
     And at least one more than arrived while the last batch ran (`rows_during_run`, 0 when the queued rows
@@ -145,7 +145,7 @@ class Batcher:
         self,
         graph: str,
         run_fn: RunFn,
-        policy: BatchPolicy,
+        policy: BatchSettings,
         executor: Executor | None = None,
         observer: BatchObserver | None = None,
     ) -> None:

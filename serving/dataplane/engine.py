@@ -18,10 +18,11 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from serving.dataplane import scores
-from serving.dataplane.batcher import Batcher, BatchObserver, BatchPolicy
+from contract import scores
+from contract.interpolation import Method, interpolate
+from contract.settings import check_settings, setting
+from serving.dataplane.batcher import Batcher, BatchObserver, BatchSettings
 from serving.dataplane.draws import normal_rows
-from serving.dataplane.interpolation import Method, interpolate
 from serving.dataplane.runtime import GraphSessions
 from serving.dataplane.validation import (
     check_count,
@@ -36,14 +37,13 @@ from serving.dataplane.validation import (
     check_temperature,
 )
 from serving.errors import Overloaded, ServingError
-from serving.settings import check_settings, setting
 
 OutputDType = Literal["float32", "uint8"]
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class RequestLimits:
+class LimitSettings:
     """How much one request may ask for."""
 
     max_items_per_request: int = setting(
@@ -63,7 +63,7 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
-class ScoreTelemetry:
+class TelemetrySettings:
     """What the server measures of its inputs, for the drift alert (vae_input_score_nats, vae_latent_norm)."""
 
     encode_score_fraction: float = setting(
@@ -104,11 +104,11 @@ class VaeEngine:
     def __init__(
         self,
         sessions: GraphSessions,
-        policy: BatchPolicy,
-        limits: RequestLimits,
+        policy: BatchSettings,
+        limits: LimitSettings,
         executor: Executor | None = None,
         observer: EngineObserver | None = None,
-        telemetry: ScoreTelemetry | None = None,
+        telemetry: TelemetrySettings | None = None,
     ) -> None:
         self.version = sessions.version
         self.provider = sessions.provider
@@ -118,7 +118,7 @@ class VaeEngine:
         self.policy = policy
         self.sample_streams = 0  # SampleStream calls running now
         self.observer = observer
-        self.telemetry = telemetry or ScoreTelemetry()
+        self.telemetry = telemetry or TelemetrySettings()
         self.encoder = Batcher("encoder", sessions.encoder.run, policy, executor, observer)
         self.decoder = Batcher("decoder", sessions.decoder.run, policy, executor, observer)
         self._telemetry_rng = np.random.default_rng()

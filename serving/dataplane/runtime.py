@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from serving.dataplane.repository import GraphSpec, ModelVersion
-from serving.settings import check_settings, setting
+from contract.repository import GraphSpec, ModelVersion
+from contract.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _ARENA_EXTEND_STRATEGIES = {"next-power-of-two": "kNextPowerOfTwo", "same-as-req
 
 
 @dataclass(frozen=True)
-class RuntimeOptions:
+class RuntimeSettings:
     """How onnxruntime runs the graphs."""
 
     provider: Provider = setting(
@@ -150,7 +150,7 @@ class GraphSessions:
             self.decoder.run(np.zeros((rows, self.version.latent_dim), np.float32))
 
 
-def session_options(options: RuntimeOptions) -> ort.SessionOptions:
+def session_options(options: RuntimeSettings) -> ort.SessionOptions:
     """The onnxruntime session options the server runs with (bench/onnx_vs_torch.py measures them)."""
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = options.intra_op_threads
@@ -164,7 +164,7 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return session_options
 
 
-def load_sessions(version: ModelVersion, options: RuntimeOptions) -> GraphSessions:
+def load_sessions(version: ModelVersion, options: RuntimeSettings) -> GraphSessions:
     """Sessions for both graphs on the chosen provider; raises ProviderUnavailable for an unusable `cuda`."""
     wants_cuda = options.provider in ("auto", "cuda")
     offered = ort.get_available_providers()

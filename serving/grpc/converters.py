@@ -10,10 +10,10 @@ import asyncio
 
 import grpc
 
+from contract.interpolation import Method
+from contract.scores import ImageScores
 from serving.api import pb
 from serving.dataplane.engine import OutputDType
-from serving.dataplane.interpolation import Method
-from serving.dataplane.scores import ImageScores
 from serving.errors import InvalidRequest
 
 _OUTPUT_DTYPES: dict[int, OutputDType] = {

@@ -18,7 +18,6 @@ import numpy as np
 from serving.api import VERSION_METADATA, pb, pb_grpc
 from serving.api.tensors import fill_tensor, tensor_from_proto
 from serving.dataplane.engine import OutputDType, VaeEngine
-from serving.dataplane.manager import ModelManager
 from serving.grpc.converters import (
     deadline_of,
     image_scores_to_proto,
@@ -26,6 +25,7 @@ from serving.grpc.converters import (
     output_dtype_from_proto,
     version_choice,
 )
+from serving.lifecycle.manager import ModelManager
 
 # Images or latents in a successful reply (SampleStream: in each chunk), by method: vae_request_items.
 REPLY_ITEMS: dict[str, Callable[[Any], int]] = {
@@ -38,8 +38,6 @@ REPLY_ITEMS: dict[str, Callable[[Any], int]] = {
     "Reconstruct": lambda reply: reply.latents.shape[0],
     "Traverse": lambda reply: reply.latents.shape[0] * reply.latents.shape[1],
 }
-
-_STATES = {"AVAILABLE": pb.AVAILABLE, "UNLOADING": pb.UNLOADING, "FAILED": pb.FAILED}
 
 
 class _VersionedRequest(Protocol):
@@ -54,13 +52,13 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
     async def _lease(self, request: _VersionedRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[VaeEngine]:
         """The engine of the version the request names (or the default route's), for the whole call."""
         async with self.models.lease(*version_choice(request.model_version)) as engine:
-            context.set_trailing_metadata(((VERSION_METADATA, str(engine.version.version)),))
+            context.set_trailing_metadata(((VERSION_METADATA, str(engine.version.number)),))
             yield engine
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         async with self._lease(request, context) as engine:
             mu, log_var = await engine.encode(tensor_from_proto(request.images, "images"), deadline_of(context))
-        response = pb.EncodeResponse(model_version=engine.version.version)
+        response = pb.EncodeResponse(model_version=engine.version.number)
         fill_tensor(response.mu, mu)
         fill_tensor(response.log_var, log_var)
         return response
@@ -72,7 +70,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 output_dtype_from_proto(request.output_dtype),
                 deadline_of(context),
             )
-        response = pb.DecodeResponse(model_version=engine.version.version)
+        response = pb.DecodeResponse(model_version=engine.version.number)
         fill_tensor(response.images, images)
         return response
 
@@ -105,7 +103,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 output_dtype_from_proto(request.output_dtype),
                 deadline_of(context),
             )
-        response = pb.InterpolateResponse(model_version=engine.version.version)
+        response = pb.InterpolateResponse(model_version=engine.version.number)
         fill_tensor(response.images, images)
         fill_tensor(response.latents, latents)
         return response
@@ -118,7 +116,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 request.seed if request.HasField("seed") else None,
                 deadline_of(context),
             )
-        return pb.ScoreResponse(scores=image_scores_to_proto(result), model_version=engine.version.version)
+        return pb.ScoreResponse(scores=image_scores_to_proto(result), model_version=engine.version.number)
 
     async def Reconstruct(
         self, request: pb.ReconstructRequest, context: grpc.aio.ServicerContext
@@ -131,7 +129,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 output_dtype_from_proto(request.output_dtype),
                 deadline_of(context),
             )
-        response = pb.ReconstructResponse(scores=image_scores_to_proto(result), model_version=engine.version.version)
+        response = pb.ReconstructResponse(scores=image_scores_to_proto(result), model_version=engine.version.number)
         fill_tensor(response.images, images)
         fill_tensor(response.latents, latents)
         return response
@@ -152,7 +150,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             dimensions=dimensions,
             values=values.tolist(),
             active_dimensions=engine.version.active_dimensions or (),
-            model_version=engine.version.version,
+            model_version=engine.version.number,
         )
         fill_tensor(response.images, images)
         fill_tensor(response.latents, latents)
@@ -164,7 +162,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         versions = [
             pb.VersionStatus(
                 version=row.version,
-                state=_STATES[row.state],
+                state=pb.VersionState.Value(row.state.name),
                 labels=row.labels,
                 is_default=row.is_default,
                 error=row.error,
@@ -173,7 +171,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         ]
         return pb.ModelInfo(
             name=version.name,
-            version=version.version,
+            version=version.number,
             latent_dim=version.latent_dim,
             image_shape=version.image_shape,
             provider=engine.provider,
@@ -195,7 +193,7 @@ def _sample_arguments(request: pb.SampleRequest) -> tuple[int, int | None, float
 def _sample_response(
     images: np.ndarray, latents: np.ndarray, engine: VaeEngine, seed: int, offset: int
 ) -> pb.SampleResponse:
-    response = pb.SampleResponse(model_version=engine.version.version, seed=seed, offset=offset)
+    response = pb.SampleResponse(model_version=engine.version.number, seed=seed, offset=offset)
     fill_tensor(response.images, images)
     fill_tensor(response.latents, latents)
     return response

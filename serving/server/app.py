@@ -4,7 +4,7 @@
 
 Every flag has an environment twin (`--help` lists them). Health reports SERVING for "" and
 "vae.v1.VaeService" once a version is loaded and warmed up, and stays SERVING while versions come and go
-(`serving.dataplane.manager`: polled every `--poll-seconds`, and at once on SIGHUP). On SIGTERM or SIGINT
+(`serving.lifecycle.manager`: polled every `--poll-seconds`, and at once on SIGHUP). On SIGTERM or SIGINT
 the server drains: health goes NOT_SERVING, new requests get UNAVAILABLE, requests in flight have
 `--grace-seconds` to finish, then the process exits 0. With `--health-port`, a second, plaintext listener
 serves the same health status and nothing else, for probes that cannot speak the gRPC port's TLS. Log lines
@@ -30,19 +30,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from serving import settings
+from contract import settings
+from contract.repository import ModelRepositoryError, ModelVersion
+from contract.settings import SettingError
 from serving.api import SERVICE_METHODS, SERVICE_NAME, pb_grpc
-from serving.dataplane.manager import ModelManager
-from serving.dataplane.repository import ModelRepositoryError, ModelVersion
 from serving.dataplane.runtime import ProviderUnavailable
 from serving.errors import StartupError
 from serving.grpc.interceptors import RequestInterceptor
 from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
+from serving.lifecycle.manager import ModelManager, VersionState
 from serving.metrics import Metrics
 from serving.server.config import ServerConfig, load_config
 from serving.server.logs import setup_logging
 from serving.server.tls import server_credentials
-from serving.settings import SettingError
 
 log = logging.getLogger("serving")
 
@@ -201,7 +201,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics = Metrics(SERVICE_METHODS)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
     models = ModelManager(
-        config.model,
+        config.repository,
         config.runtime,
         config.batching,
         config.limits,
@@ -226,7 +226,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
                 "metrics_address": f"{config.network.host}:{metrics_port}",
                 "health_address": None if health_port is None else f"{config.network.host}:{health_port}",
                 "transport": config.tls.transport,
-                "versions": [row.version for row in models.status() if row.state == "AVAILABLE"],
+                "versions": [row.version for row in models.status() if row.state is VersionState.AVAILABLE],
                 "startup_seconds": round(time.perf_counter() - started, 3),
                 "config": settings.to_json(config),
             }

@@ -3,8 +3,8 @@
     python -m serving.server --help        every setting: flag, VAE_* variable, default
     make docs                              regenerates docs/configuration.md from these definitions
 
-Each setting is defined once, in the dataclass of the component that uses it (`ModelSource` in the model
-manager, `BatchPolicy` in the batcher, `RuntimeOptions` in the runtime, `RequestLimits` and `ScoreTelemetry`
+Each setting is defined once, in the dataclass of the component that uses it (`RepositorySettings` in the model
+manager, `BatchSettings` in the batcher, `RuntimeSettings` in the runtime, `LimitSettings` and `TelemetrySettings`
 in the engine, the process's own below), and the server hands each component its section as it is. A flag
 wins over its variable, the variable over the default; a bad value stops the server with one line
 naming the flag or variable.
@@ -18,18 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from serving import settings
-from serving.dataplane.batcher import BatchPolicy
-from serving.dataplane.engine import RequestLimits, ScoreTelemetry
-from serving.dataplane.manager import ModelSource
-from serving.dataplane.runtime import RuntimeOptions
-from serving.settings import SettingError, check_settings, section, setting
+from contract import settings
+from contract.settings import SettingError, check_settings, section, setting
+from serving.dataplane.batcher import BatchSettings
+from serving.dataplane.engine import LimitSettings, TelemetrySettings
+from serving.dataplane.runtime import RuntimeSettings
+from serving.lifecycle.manager import RepositorySettings
 
 ENV_PREFIX = "VAE_"
 
 
 @dataclass(frozen=True)
-class NetworkOptions:
+class NetworkSettings:
     """Where the server listens, and what one connection or message may hold."""
 
     host: str = setting("0.0.0.0", "address to listen on (gRPC and metrics)", metavar="ADDR")
@@ -78,7 +78,7 @@ class NetworkOptions:
 
 
 @dataclass(frozen=True)
-class TlsOptions:
+class TlsSettings:
     """TLS on the gRPC port (plaintext unless a certificate is given)."""
 
     tls_cert: Path | None = setting(
@@ -111,7 +111,7 @@ class TlsOptions:
 
 
 @dataclass(frozen=True)
-class ProcessOptions:
+class ProcessSettings:
     """Shutdown and logs."""
 
     grace_seconds: float = setting(
@@ -128,14 +128,14 @@ class ProcessOptions:
 class ServerConfig:
     """Everything the server reads at start-up, one section per component."""
 
-    model: ModelSource = section(ModelSource, "model")
-    network: NetworkOptions = section(NetworkOptions, "network")
-    tls: TlsOptions = section(TlsOptions, "TLS")
-    runtime: RuntimeOptions = section(RuntimeOptions, "onnxruntime")
-    batching: BatchPolicy = section(BatchPolicy, "batching")
-    limits: RequestLimits = section(RequestLimits, "request limits")
-    telemetry: ScoreTelemetry = section(ScoreTelemetry, "input telemetry")
-    process: ProcessOptions = section(ProcessOptions, "shutdown and logs")
+    repository: RepositorySettings = section(RepositorySettings, "model repository")
+    network: NetworkSettings = section(NetworkSettings, "network")
+    tls: TlsSettings = section(TlsSettings, "TLS")
+    runtime: RuntimeSettings = section(RuntimeSettings, "onnxruntime")
+    batching: BatchSettings = section(BatchSettings, "batching")
+    limits: LimitSettings = section(LimitSettings, "request limits")
+    telemetry: TelemetrySettings = section(TelemetrySettings, "input telemetry")
+    process: ProcessSettings = section(ProcessSettings, "shutdown and logs")
 
     def __post_init__(self) -> None:
         if self.batching.max_queue_rows < self.limits.max_items_per_request:

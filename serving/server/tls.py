@@ -7,10 +7,10 @@ import ssl
 import grpc
 
 from serving.errors import StartupError
-from serving.server.config import TlsOptions
+from serving.server.config import TlsSettings
 
 
-def server_credentials(tls: TlsOptions) -> grpc.ServerCredentials | None:
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     """TLS credentials from --tls-cert/--tls-key (+ --tls-client-ca: mutual TLS), or None for plaintext.
 
     The files are checked with Python's `ssl` first (readable PEM, the key matching the certificate), so a

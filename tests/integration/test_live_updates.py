@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
+from contract.labels import read_labels
 from serving.client import VaeClient, VaeError
-from serving.dataplane.versions import read_labels, set_label
+from serving.lifecycle.admin import set_label
 from tests.helpers import (
     DirectGraphs,
     ServerProcess,

@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 import pytest
 
+from contract.repository import ModelRepositoryError
 from serving.client import VaeClient, VaeError
-from serving.dataplane.repository import ModelRepositoryError
 from serving.server.app import start_server
 from tests.helpers import DirectGraphs, ServerProcess, running_server, server_config
 

@@ -13,10 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from contract.interpolation import interpolate
 from serving.api import pb
 from serving.client import VaeClient, VaeError
 from serving.dataplane.draws import normal_rows
-from serving.dataplane.interpolation import interpolate
 from tests.helpers import DirectGraphs, ServerThread
 
 TOLERANCE = 1e-5

@@ -17,12 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from contract.settings import SettingError
 from serving.client import VaeClient, VaeError
 from serving.client import cli as client_cli
 from serving.errors import StartupError
 from serving.server.app import start_server
 from serving.server.config import load_config
-from serving.settings import SettingError
 from tests.helpers import Pki, ServerThread, make_pki, running_server, server_config, wait_until
 
 

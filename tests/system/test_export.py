@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.dataplane.repository import list_versions, load_version
+from contract.repository import list_versions, load_version
 from tests.helpers import DirectGraphs, bce_nats, kl_per_dim_nats, mnist_5k_images, train_tiny_checkpoint
 from training import export as export_module
 from training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -130,7 +130,7 @@ def test_repeated_export_makes_version_2_and_version_force_behave(
     assert main([*args, "--version", "5"]) == 0
     assert list_versions(repository / "vae-mnist") == [1, 2, 5]
     assert entries(repository / "vae-mnist") == {"1", "2", "5"}  # no temporary directories left
-    assert load_version(repository / "vae-mnist").version == 5
+    assert load_version(repository / "vae-mnist").number == 5
 
 
 @pytest.mark.parametrize("latent_dim", [2, 32])
@@ -178,7 +178,7 @@ def test_publish_failure_leaves_nothing_behind(
 
     with staging_directory(model_dir, 1) as staging:  # and the same files publish where writing works
         assert publish(staging, files, "vae-mnist", 1) == model_dir / "1"
-    assert entries(model_dir) == {"1"} and load_version(model_dir).version == 1
+    assert entries(model_dir) == {"1"} and load_version(model_dir).number == 1
 
 
 def test_failed_force_replacement_keeps_the_old_version(

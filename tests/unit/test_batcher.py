@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from serving.dataplane.batcher import Batcher, BatchPolicy, batch_wait_seconds, expected_rows
+from serving.dataplane.batcher import Batcher, BatchSettings, batch_wait_seconds, expected_rows
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
 
@@ -48,7 +48,7 @@ def rows(count: int, start: float = 0.0) -> np.ndarray:
     return (np.arange(count * 3, dtype=np.float32) + start).reshape(count, 3)
 
 
-async def started(policy: BatchPolicy, model: FakeModel, observer: Recorder | None = None) -> Batcher:
+async def started(policy: BatchSettings, model: FakeModel, observer: Recorder | None = None) -> Batcher:
     batcher = Batcher("decoder", model.run, policy, observer=observer)
     batcher.start()
     return batcher
@@ -56,7 +56,7 @@ async def started(policy: BatchPolicy, model: FakeModel, observer: Recorder | No
 
 async def test_concurrent_requests_are_merged_into_one_run_and_split_back() -> None:
     model, recorder = FakeModel(), Recorder()
-    batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=5000), model, recorder)
+    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=5000), model, recorder)
     inputs = [rows(1, start=10.0 * i) for i in range(5)] + [rows(3, start=100.0)]
     results = await asyncio.wait_for(asyncio.gather(*(batcher.run(x) for x in inputs)), timeout=5)
     assert model.batches == [8]  # filled to max_batch_size: ran at once, without waiting out the delay
@@ -86,7 +86,7 @@ async def hold_worker(batcher: Batcher, model: FakeModel) -> asyncio.Future[tupl
 
 async def test_a_lone_request_runs_at_once_without_waiting_out_the_delay() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=60_000), model)
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=60_000), model)
     loop = asyncio.get_running_loop()
     for i in range(3):  # a lone caller, one request after the other: nobody else is coming
         sent = loop.time()
@@ -99,7 +99,7 @@ async def test_a_lone_request_runs_at_once_without_waiting_out_the_delay() -> No
 
 async def test_fixed_wait_holds_a_lone_request_for_the_delay() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=50, batch_wait="fixed"), model)
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=50, batch_wait="fixed"), model)
     loop = asyncio.get_running_loop()
     sent = loop.time()
     await asyncio.wait_for(batcher.run(rows(2)), timeout=5)
@@ -110,7 +110,7 @@ async def test_fixed_wait_holds_a_lone_request_for_the_delay() -> None:
 
 async def test_after_a_merged_batch_the_next_one_waits_for_as_many_rows() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=60_000), model)
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=60_000), model)
     first = [batcher.run(rows(1, start=i)) for i in range(3)]
     await asyncio.wait_for(asyncio.gather(*first), timeout=5)  # queued together: one run of 3
     # Their callers come back one by one: the first waits (a batch of 3 just ran) until all three are in.
@@ -125,7 +125,7 @@ async def test_after_a_merged_batch_the_next_one_waits_for_as_many_rows() -> Non
 
 async def test_the_wait_for_expected_rows_ends_at_max_delay() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=50), model)
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=50), model)
     loop = asyncio.get_running_loop()
     await asyncio.wait_for(asyncio.gather(*(batcher.run(rows(1)) for _ in range(4))), timeout=5)
     sent = loop.time()
@@ -136,7 +136,7 @@ async def test_the_wait_for_expected_rows_ends_at_max_delay() -> None:
 
 
 def test_wait_policy_runs_at_once_unless_more_rows_are_expected_soon() -> None:
-    adaptive, fixed = BatchPolicy(max_batch_size=8, max_delay_ms=10), BatchPolicy(8, 10, batch_wait="fixed")
+    adaptive, fixed = BatchSettings(max_batch_size=8, max_delay_ms=10), BatchSettings(8, 10, batch_wait="fixed")
     # queued rows, waited s, expected rows, gap since the last batch s
     assert batch_wait_seconds(adaptive, 1, 0.0, 0, float("inf")) == 0  # first request ever
     assert batch_wait_seconds(adaptive, 1, 0.0, 1, 0.001) == 0  # a lone caller: expected no more than queued
@@ -151,7 +151,7 @@ def test_wait_policy_runs_at_once_unless_more_rows_are_expected_soon() -> None:
 
 async def test_requests_that_arrived_during_a_run_wait_for_one_more() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=60_000), model)
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=60_000), model)
     running = await hold_worker(batcher, model)
     during = [asyncio.ensure_future(batcher.run(rows(1, start=i))) for i in range(2)]
     await asyncio.sleep(0.01)
@@ -165,7 +165,7 @@ async def test_requests_that_arrived_during_a_run_wait_for_one_more() -> None:
 
 
 def test_expected_rows_is_the_recent_peak_or_one_more_than_arrived_during_a_run() -> None:
-    policy = BatchPolicy(max_batch_size=8, max_delay_ms=10)
+    policy = BatchSettings(max_batch_size=8, max_delay_ms=10)
     assert expected_rows(policy, peak_rows=4, rows_during_run=0) == 4
     assert expected_rows(policy, peak_rows=1, rows_during_run=2) == 3  # two came during the run
     assert expected_rows(policy, peak_rows=1, rows_during_run=0) == 1  # a lone caller
@@ -174,7 +174,7 @@ def test_expected_rows_is_the_recent_peak_or_one_more_than_arrived_during_a_run(
 
 async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=64, max_delay_ms=0), model)
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=0), model)
     first = await blocked_run(model, batcher, rows(1))
     later = [asyncio.ensure_future(batcher.run(rows(1, start=i))) for i in range(10)]
     await asyncio.sleep(0.05)
@@ -186,7 +186,7 @@ async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
 
 async def test_row_counts_measured_fast_run_on_the_event_loop_thread() -> None:
     model = FakeModel()  # runs in microseconds: far below the 50 ms allowed inline
-    batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=0, inline_max_ms=50), model)
+    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=0, inline_max_ms=50), model)
     for count in (2, 2, 2, 3, 3):
         await asyncio.wait_for(batcher.run(rows(count)), timeout=5)
     loop_thread = threading.get_ident()
@@ -203,7 +203,7 @@ async def test_inline_off_or_slow_runs_stay_in_the_thread(inline_max_ms: float, 
         time.sleep(run_ms / 1000)
         return model.run(x)
 
-    batcher = Batcher("decoder", run, BatchPolicy(max_batch_size=8, max_delay_ms=0, inline_max_ms=inline_max_ms))
+    batcher = Batcher("decoder", run, BatchSettings(max_batch_size=8, max_delay_ms=0, inline_max_ms=inline_max_ms))
     batcher.start()
     for _ in range(3):
         await asyncio.wait_for(batcher.run(rows(1)), timeout=5)
@@ -213,7 +213,7 @@ async def test_inline_off_or_slow_runs_stay_in_the_thread(inline_max_ms: float, 
 
 async def test_a_large_request_is_split_into_chunks_of_max_batch_size() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=4, max_delay_ms=0), model)
+    batcher = await started(BatchSettings(max_batch_size=4, max_delay_ms=0), model)
     x = rows(10)
     doubled, sums = await asyncio.wait_for(batcher.run(x), timeout=5)
     assert sorted(model.batches) == [2, 4, 4]
@@ -224,7 +224,7 @@ async def test_a_large_request_is_split_into_chunks_of_max_batch_size() -> None:
 
 async def test_full_queue_refuses_with_overloaded() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=5000, max_queue_rows=8), model)
+    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=5000, max_queue_rows=8), model)
     running = await hold_worker(batcher, model)
     waiting = asyncio.ensure_future(batcher.run(rows(6)))
     await asyncio.sleep(0)
@@ -240,7 +240,7 @@ async def test_full_queue_refuses_with_overloaded() -> None:
 
 async def test_cancelled_requests_are_dropped_before_running() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=50), model)
+    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=50), model)
     running = await hold_worker(batcher, model)
     gone = asyncio.ensure_future(batcher.run(rows(3)))
     await asyncio.sleep(0)
@@ -257,7 +257,7 @@ async def test_cancelled_requests_are_dropped_before_running() -> None:
 
 async def test_requests_past_their_deadline_are_dropped_before_running() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=50), model)
+    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=50), model)
     loop = asyncio.get_running_loop()
     running = await hold_worker(batcher, model)
     late = asyncio.ensure_future(batcher.run(rows(2), deadline=loop.time() + 0.01))
@@ -279,7 +279,7 @@ async def test_a_failing_run_fails_every_request_of_its_batch_only() -> None:
             raise RuntimeError("boom")
         return [x]
 
-    batcher = Batcher("decoder", flaky, BatchPolicy(max_batch_size=2, max_delay_ms=1000))
+    batcher = Batcher("decoder", flaky, BatchSettings(max_batch_size=2, max_delay_ms=1000))
     batcher.start()
     results = await asyncio.gather(batcher.run(rows(1)), batcher.run(rows(1)), return_exceptions=True)
     assert [type(r) for r in results] == [RuntimeError, RuntimeError]
@@ -290,7 +290,7 @@ async def test_a_failing_run_fails_every_request_of_its_batch_only() -> None:
 
 async def test_close_fails_queued_requests_with_not_ready() -> None:
     model = FakeModel()
-    batcher = await started(BatchPolicy(max_batch_size=8, max_delay_ms=5000), model)
+    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=5000), model)
     waiting = asyncio.ensure_future(batcher.run(rows(1)))
     await asyncio.sleep(0)
     await batcher.close()
@@ -302,6 +302,6 @@ async def test_close_fails_queued_requests_with_not_ready() -> None:
 
 def test_policy_rejects_a_queue_smaller_than_a_batch_and_negative_times() -> None:
     with pytest.raises(ValueError, match="max_queue_rows"):
-        BatchPolicy(max_batch_size=64, max_queue_rows=8)
+        BatchSettings(max_batch_size=64, max_queue_rows=8)
     with pytest.raises(ValueError, match="inline_max_ms"):
-        BatchPolicy(inline_max_ms=-1)
+        BatchSettings(inline_max_ms=-1)

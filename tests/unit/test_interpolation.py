@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.dataplane.interpolation import interpolate
+from contract.interpolation import interpolate
 
 
 def test_paths_start_and_end_at_the_endpoints() -> None:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.dataplane import scores
+from contract import scores
 from serving.dataplane.draws import normal_rows
 from tests.helpers import bce_nats
 from training.evaluate import iwae_bound

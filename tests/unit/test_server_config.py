@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from serving import settings
+from contract import settings
+from contract.settings import SettingError
 from serving.server.config import ENV_PREFIX, ServerConfig, build_parser, load_config
-from serving.settings import SettingError
 
 
 def test_defaults_without_flags_or_environment() -> None:
@@ -20,7 +20,7 @@ def test_defaults_without_flags_or_environment() -> None:
 def test_every_setting_has_an_env_twin_and_flags_win_over_it() -> None:
     environ = {"VAE_MODEL_DIR": "/m", "VAE_GRPC_PORT": "6000", "VAE_MAX_DELAY_MS": "0.5", "VAE_LOG_REQUESTS": "yes"}
     config = load_config(["--port", "7000"], environ)
-    assert config.model.model_dir == Path("/m") and config.network.port == 7000
+    assert config.repository.model_dir == Path("/m") and config.network.port == 7000
     assert config.batching.max_delay_ms == 0.5 and config.process.log_requests is True
     envs = [spec.env(ENV_PREFIX) for spec in settings.specs(ServerConfig)]
     assert all(env.startswith("VAE_") for env in envs) and len(set(envs)) == len(envs)

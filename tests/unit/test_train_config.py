@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from serving.settings import SettingError
+from contract.settings import SettingError
 from training.train import TrainConfig, config_from_args
 
 

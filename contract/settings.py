@@ -1,7 +1,7 @@
 """Settings as data: frozen dataclasses whose fields are command-line flags with environment-variable twins.
 
     @dataclass(frozen=True)
-    class BatchPolicy:
+    class BatchSettings:
         max_batch_size: int = setting(64, "rows per onnxruntime run, at most", minimum=1)
 
         def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -24,25 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from serving.dataplane.batcher import BatchPolicy
-from serving.dataplane.engine import EngineObserver, RequestLimits, ScoreTelemetry, VaeEngine
-from serving.dataplane.repository import ModelRepositoryError, ModelVersion, list_versions, read_version_dir
+from contract.labels import check_label, read_labels
+from contract.repository import ModelRepositoryError, ModelVersion, list_versions, read_version_dir
+from contract.settings import SettingError, check_settings, setting
+from serving.dataplane.batcher import BatchSettings
+from serving.dataplane.engine import EngineObserver, LimitSettings, TelemetrySettings, VaeEngine
 from serving.dataplane.runtime import (
     GraphSessions,
     ProviderUnavailable,
-    RuntimeOptions,
+    RuntimeSettings,
     load_sessions,
     release_freed_memory,
 )
-from serving.dataplane.versions import LATEST, VersionPolicy, check_label, read_labels, resolve_default
 from serving.errors import NotFound
-from serving.settings import SettingError, check_settings, setting
+from serving.lifecycle.policy import LATEST, VersionPolicy, resolve_default
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class RepositorySettings:
     """Which versions of which model directory the server serves, and how it follows the directory."""
 
     model_dir: Path = setting(
@@ -97,12 +99,20 @@ class _Served:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class VersionState(enum.Enum):
+    """Where a version is in its life on the server (GetModelInfo's VersionState, by name)."""
+
+    AVAILABLE = "takes requests"
+    UNLOADING = "no longer wanted: finishing the requests it has, then freed"
+    FAILED = "refused by verification or warm-up: never served (tried again when its files change)"
+
+
 @dataclass(frozen=True)
 class VersionStatus:
     """One version as GetModelInfo reports it."""
 
     version: int
-    state: str  # AVAILABLE (takes traffic), UNLOADING (finishing its requests), FAILED (never served)
+    state: VersionState
     labels: tuple[str, ...]
     is_default: bool
     error: str = ""  # why it FAILED: the file and the check
@@ -113,25 +123,26 @@ class ModelManager:
 
     def __init__(
         self,
-        source: ModelSource,
-        runtime: RuntimeOptions,
-        batching: BatchPolicy,
-        limits: RequestLimits,
+        repository: RepositorySettings,
+        runtime: RuntimeSettings,
+        batching: BatchSettings,
+        limits: LimitSettings,
         executor: Executor,
         observer: ModelObserver,
         check_version: Callable[[ModelVersion], None] = lambda version: None,
-        telemetry: ScoreTelemetry | None = None,
+        telemetry: TelemetrySettings | None = None,
     ) -> None:
-        self.source = source
-        self.policy = VersionPolicy.parse(source.version_policy)
+        self.repository = repository
+        self.policy = VersionPolicy.parse(repository.version_policy)
         self.runtime, self.batching, self.limits = runtime, batching, limits
-        self.telemetry = telemetry or ScoreTelemetry()
+        self.telemetry = telemetry or TelemetrySettings()
         self.executor = executor
         self.observer = observer
         self.check_version = check_version  # start-up checks a version must pass besides its own verification
-        self.name = Path(source.model_dir).name
+        self.name = Path(repository.model_dir).name
         self._served: dict[int, _Served] = {}
         self._retiring: set[_Served] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # retired versions being closed (awaited by `close`)
         self._labels: dict[str, int] = {}
         self._default: int | None = None
         self._failed: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}  # version → (files, reason)
@@ -147,8 +158,8 @@ class ModelManager:
         await self.refresh("start")
         if not self._served:
             reasons = [reason for _, reason in self._failed.values()]
-            raise ModelRepositoryError(reasons[0] if reasons else f"{self.source.model_dir}: no versions to serve")
-        if self.source.poll_seconds > 0:
+            raise ModelRepositoryError(reasons[0] if reasons else f"{self.repository.model_dir}: no versions to serve")
+        if self.repository.poll_seconds > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="model-poller")
 
     async def close(self) -> None:
@@ -156,6 +167,7 @@ class ModelManager:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
         for served in [*self._served.values(), *self._retiring]:
             await self._close(served)
         self._served.clear()
@@ -164,7 +176,7 @@ class ModelManager:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(self.source.poll_seconds)
+            await asyncio.sleep(self.repository.poll_seconds)
             try:
                 await self.refresh("poll")
             except Exception:  # a bug here must not stop polling; the versions served stay as they are
@@ -210,7 +222,7 @@ class ModelManager:
         finally:
             served.leases -= 1
             if served.retired and served.leases == 0:
-                asyncio.get_running_loop().create_task(self._close(served))
+                self._close_soon(served)
 
     def engine(self, version: int | None = None) -> VaeEngine:
         """The engine serving `version` (None: the default route's) now, for a look at its state."""
@@ -219,14 +231,15 @@ class ModelManager:
     def status(self) -> list[VersionStatus]:
         """Every version served, unloading or failed, newest first."""
         labels_of = self._labels_by_version()
-        rows = [VersionStatus(v, "AVAILABLE", tuple(labels_of.get(v, ())), v == self._default) for v in self._served]
+        available = VersionState.AVAILABLE
+        rows = [VersionStatus(v, available, tuple(labels_of.get(v, ())), v == self._default) for v in self._served]
         rows += [
-            VersionStatus(s.engine.version.version, "UNLOADING", (), False)
+            VersionStatus(s.engine.version.number, VersionState.UNLOADING, (), False)
             for s in self._retiring
             if not s.closed.is_set()
         ]
-        rows += [VersionStatus(v, "FAILED", (), False, reason) for v, (_, reason) in self._failed.items()]
-        return sorted(rows, key=lambda row: (-row.version, row.state))
+        rows += [VersionStatus(v, VersionState.FAILED, (), False, reason) for v, (_, reason) in self._failed.items()]
+        return sorted(rows, key=lambda row: (-row.version, row.state.name))
 
     def _resolve(self, version: int | None, label: str | None) -> _Served:
         if label:
@@ -257,11 +270,11 @@ class ModelManager:
     def _set_routes(self, labels: dict[str, int]) -> None:
         served = sorted(self._served)
         self._labels = labels
-        default = resolve_default(self.source.default_version, served, labels)
+        default = resolve_default(self.repository.default_version, served, labels)
         if default is None and served:
             default = served[-1]
             if default != self._default:
-                fields = {"default_version": self.source.default_version, "using": default}
+                fields = {"default_version": self.repository.default_version, "using": default}
                 log.warning("default_route_unresolved", extra={"fields": fields})
         self._default = default
         self.observer.labels_changed(self._labels_by_version(), default)
@@ -270,16 +283,17 @@ class ModelManager:
 
     def _present_versions(self, raise_errors: bool) -> list[int] | None:
         try:
-            return list_versions(self.source.model_dir)
+            return list_versions(self.repository.model_dir)
         except ModelRepositoryError as exc:
             if raise_errors:
                 raise
-            log.error("model_dir_unreadable", extra={"fields": {"path": str(self.source.model_dir), "error": str(exc)}})
+            fields = {"path": str(self.repository.model_dir), "error": str(exc)}
+            log.error("model_dir_unreadable", extra={"fields": fields})
             return None
 
     def _read_labels(self, raise_errors: bool) -> dict[str, int]:
         try:
-            return read_labels(self.source.model_dir)
+            return read_labels(self.repository.model_dir)
         except ModelRepositoryError as exc:
             if raise_errors:
                 raise
@@ -289,11 +303,11 @@ class ModelManager:
     def _failed_unchanged(self, version: int) -> bool:
         """Whether `version` failed before and its files have not changed since (then it is not tried again)."""
         failed = self._failed.get(version)
-        return failed is not None and failed[0] == _files_of(Path(self.source.model_dir) / str(version))
+        return failed is not None and failed[0] == _files_of(Path(self.repository.model_dir) / str(version))
 
     async def _load(self, version: int) -> None:
         """Verify, load and warm up `version`; serve it, or record why not (and raise ProviderUnavailable)."""
-        path = Path(self.source.model_dir) / str(version)
+        path = Path(self.repository.model_dir) / str(version)
         files = _files_of(path)
         started = time.perf_counter()
         try:
@@ -323,7 +337,7 @@ class ModelManager:
 
     def _verified_sessions(self, version: int) -> GraphSessions:
         """Verify, load and warm up a version (in the loader thread: the event loop keeps serving meanwhile)."""
-        model = read_version_dir(Path(self.source.model_dir) / str(version), name=self.name, version=version)
+        model = read_version_dir(Path(self.repository.model_dir) / str(version), name=self.name, version=version)
         self.check_version(model)
         sessions = load_sessions(model, self.runtime)
         sessions.warm_up(sorted({1, self.batching.max_batch_size}))
@@ -335,7 +349,13 @@ class ModelManager:
         self._retiring.add(served)
         log.info("model_unloading", extra={"fields": {"version": version, "requests_in_flight": served.leases}})
         if served.leases == 0:
-            asyncio.get_running_loop().create_task(self._close(served))
+            self._close_soon(served)
+
+    def _close_soon(self, served: _Served) -> None:
+        """Close a retired version in a task of its own, kept until it is done (`close` awaits the rest)."""
+        task = asyncio.get_running_loop().create_task(self._close(served), name="model-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _close(self, served: _Served) -> None:
         if served.closed.is_set():
@@ -343,7 +363,7 @@ class ModelManager:
         served.closed.set()
         await served.engine.close()
         self._retiring.discard(served)
-        version = served.engine.version.version
+        version = served.engine.version.number
         if version not in self._served:  # not loaded again meanwhile
             self.observer.model_unloaded(version)
         log.info("model_unloaded", extra={"fields": {"version": version}})

@@ -1,0 +1,57 @@
+"""labels.json: written atomically, read back, and refused with the file and the label named when malformed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from contract.labels import LABELS_FILE, check_label, read_labels, write_labels
+from contract.repository import ModelRepositoryError
+
+
+def test_labels_are_written_atomically_and_read_back(tmp_path: Path) -> None:
+    write_labels(tmp_path, {"stable": 3, "canary": 4})
+    assert read_labels(tmp_path) == {"canary": 4, "stable": 3}
+    assert [p.name for p in tmp_path.iterdir()] == [LABELS_FILE]  # no temporary file left behind
+    assert (tmp_path / LABELS_FILE).stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
+    assert read_labels(tmp_path / "missing") == {}
+
+
+def test_a_failed_write_leaves_the_old_labels(tmp_path: Path) -> None:
+    write_labels(tmp_path, {"stable": 3})
+    with pytest.raises(TypeError):
+        write_labels(tmp_path, {"stable": object()})  # type: ignore[dict-item]
+    assert read_labels(tmp_path) == {"stable": 3}
+    assert [p.name for p in tmp_path.iterdir()] == [LABELS_FILE]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "labels must be a JSON object of label → version"),
+        ("[1]", "labels must be a JSON object .* Expected object, got array"),
+        ('{"Stable": 1}', "label 'Stable' is not allowed"),
+        ('{"stable": "1"}', r"label 'stable' must name a version number \(1 \.\. 9223372036854775807\), got \"1\""),
+        ('{"stable": 0}', "label 'stable' must name a version number .* got 0"),
+        ('{"stable": true}', "label 'stable' must name a version number .* got true"),
+        ('{"stable": 18446744073709551616}', "label 'stable' must name a version number .* got 18446744073709551616"),
+        ('{"stable": 2, "canary": [[[[1]]]]}', r"label 'canary' must name a version number .* got \[\[\[\[1\]\]\]\]"),
+        ('{"stable": ' + "[" * 100_000 + "]" * 100_000 + "}", "labels must be a JSON object .* got array"),
+    ],
+)
+def test_malformed_labels_are_refused_naming_the_file(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / LABELS_FILE).write_text(content)
+    with pytest.raises(ModelRepositoryError, match=f"{LABELS_FILE}: {message}"):
+        read_labels(tmp_path)
+
+
+@pytest.mark.parametrize("label", ["stable", "canary-2", "a", "shadow_b"])
+def test_label_names_start_with_a_letter(label: str) -> None:
+    assert check_label(label) == label
+
+
+@pytest.mark.parametrize("label", ["", "3", "Stable", "-x", "a b", "x" * 64])
+def test_other_label_names_are_refused_saying_what_is_allowed(label: str) -> None:
+    with pytest.raises(ValueError, match="lower-case letters, digits, '-' and '_', starting with a letter"):
+        check_label(label)
