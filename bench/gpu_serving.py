@@ -5,22 +5,28 @@
 serving  export DIR/train/best.pt (the training step's; a quick CPU-trained one if that step left none),
          then the real server with --provider: the provider its model_loaded log line and ModelInfo name,
          and its Encode / Decode of fixed inputs against a CPU-provider server's (max abs difference)
-limit    bench/limit.py's in-process rows/s at batch 1 / 64 / 256 / 1024 for --io-binding off, on and
-         pinned, and with onnxruntime CUDA graphs (or the reason they do not run)
+limit    bench/limit.py's in-process rows/s at batch 1 / 64 / 256 / 1024 with session.run (the server's
+         call) and through IOBinding, on and pinned (bench/runtime_options.py), and with onnxruntime CUDA
+         graphs (or the reason they do not run)
 sweep    bench/serving.py's Decode loads (1 x 64 rows, 1 and 32 callers x 1 row) against the batching server
-         with each IOBinding mode and the minimal server: rows/s, latency, server CPU ms per request, GPU
-         memory after warm-up and after the loads
-memory   GPU memory (and RSS) a server holds after warm-up and after batches up to 1024 rows, for the
-         default arena, `--cuda-arena-extend-strategy same-as-requested`, and that with a 256 MiB cap
---quick: short blocks and loads, batches up to 256 rows in the memory step, two arenas instead of three.
+         and the minimal server: rows/s, latency, server CPU ms per request, GPU memory after warm-up and after
+         the loads
+memory   GPU memory (and RSS) the server holds after warm-up and after batches up to 1024 rows; then the same
+         runs in-process, each in a fresh process, with the CUDA arena options of bench/runtime_options.py:
+         the default arena, same-as-requested growth, and that with a 256 MiB cap
+--quick: short blocks and loads, batches up to 256 rows in the memory step, one arena (the capped one).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
 import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -29,15 +35,18 @@ from bench.gpu_check import TOLERANCE, StepRecord, step_arguments
 from bench.limit import measure as measure_limit
 from bench.limit import rows_per_second
 from bench.loadgen import pin_to_cpus
-from bench.server_process import ServerProcess, gpu_used_total_bytes
+from bench.runtime_options import ARENAS, IO_BINDINGS, MIB, graph_session
+from bench.server_process import ServerProcess, gpu_memory_bytes, gpu_used_total_bytes, rss_bytes
 from bench.serving import LOAD_CPUS, MODES, cpu_per_request, cpu_table, find, sweep
 from contract.repository import GraphSpec, load_version
 from serving.client import VaeClient
-from serving.dataplane.runtime import CPU, CUDA, IoBinding, Provider, RuntimeSettings, load_sessions, session_options
+from serving.dataplane.runtime import CPU, CUDA, Provider, RuntimeSettings, load_sessions
 
 BATCH_SIZES = (1, 64, 256, 1024)
-IO_BINDINGS: tuple[IoBinding, ...] = ("off", "on", "pinned")
+MEMORY_MAX_BATCH = 1024  # the memory step's server runs --max-batch-size 1024, warmed up at 1 and 1024 rows
+QUICK_ARENAS = ("same-as-requested, 256 MiB cap",)  # both options, one process
 EXPECTED_PROVIDER = {"cuda": CUDA, "cpu": CPU}
+T = TypeVar("T")
 
 
 def served_model(work: Path) -> tuple[Path, str]:
@@ -131,11 +140,7 @@ class CudaGraphRunner:
     the host input copied in place and the outputs copied out on every run (what a server would have to do)."""
 
     def __init__(self, spec: GraphSpec, rows: int) -> None:
-        options = RuntimeSettings(provider="cuda", intra_op_threads=1)
-        provider_options = {**options.cuda_provider_options(), "enable_cuda_graph": "1"}
-        self.session = ort.InferenceSession(
-            spec.model_bytes, session_options(options), providers=[(CUDA, provider_options)]
-        )
+        self.session = graph_session(spec, "cuda", {"enable_cuda_graph": "1"})
         shape = (rows, *(int(d) for d in spec.inputs[0].shape[1:]))
         self.input = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cuda", 0)
         self.outputs = [
@@ -167,7 +172,7 @@ def cuda_graph_rates(model_dir: Path, provider: str, block_seconds: float, repea
             try:
                 runner = CudaGraphRunner(spec, rows)
                 captured = runner.run(batch)
-                plain = ort.InferenceSession(spec.model_bytes, providers=[CUDA]).run(None, {spec.inputs[0].name: batch})
+                plain = graph_session(spec, "cuda").run(None, {spec.inputs[0].name: batch})
                 diff = max(float(np.abs(a - b).max()) for a, b in zip(captured, plain, strict=True))
                 rate = rows_per_second(runner, batch, block_seconds, repeats)
             except Exception as exc:  # onnxruntime refuses to capture (a node off the GPU, a CPU-side shape op)
@@ -210,11 +215,7 @@ def limit(record: StepRecord, provider: Provider, quick: bool, work: Path) -> No
 
 def serving_sweep(record: StepRecord, provider: str, quick: bool, work: Path) -> None:
     model_dir, record["model_source"] = served_model(work)
-    modes = {
-        "batching": MODES["batching"],
-        "batching+io-binding-on": [*MODES["batching"], "--io-binding=on"],
-        "batching+io-binding-pinned": [*MODES["batching"], "--io-binding=pinned"],
-    }
+    modes = {"batching": MODES["batching"]}  # the server as it serves; IOBinding is the limit step's, in-process
     concurrencies, duration = ([2], 0.2) if quick else ([1, 32], 3.0)
     pin_to_cpus(LOAD_CPUS)  # the load generator; the servers run on SERVER_CPUS (bench/serving.py)
     points, process = sweep(
@@ -241,56 +242,80 @@ def serving_sweep(record: StepRecord, provider: str, quick: bool, work: Path) ->
     record["status"] = f"failed: {len(errors)} load(s) had errors or no requests" if errors else "ok"
 
 
-ARENAS = {
-    "default": [],
-    "same-as-requested": ["--cuda-arena-extend-strategy=same-as-requested"],
-    "same-as-requested, 256 MiB cap": [
-        "--cuda-arena-extend-strategy=same-as-requested",
-        "--cuda-mem-limit-bytes=268435456",
-    ],
-}
+def memory_figures(pid: int, after: str) -> dict[str, int | None]:
+    """The GPU memory process `pid` holds, the whole GPU's, and its RSS, named `..._after_<after>`."""
+    return {
+        f"gpu_memory_bytes_after_{after}": gpu_memory_bytes(pid),
+        f"gpu_used_total_bytes_after_{after}": gpu_used_total_bytes(),
+        f"rss_bytes_after_{after}": rss_bytes(pid),
+    }
 
 
-QUICK_ARENAS = ("default", "same-as-requested, 256 MiB cap")  # every flag, one server fewer
+def arena_memory(
+    model_dir: Path,
+    provider: Literal["cuda", "cpu"],
+    cuda_options: Mapping[str, str],
+    batch_sizes: tuple[int, ...],
+    repeats: int,
+) -> dict[str, Any]:
+    """What `memory` measures of the server, measured of this process with both graphs' sessions on
+    `cuda_options`: warmed up as the server is (1 and MEMORY_MAX_BATCH rows), then `repeats` Decode and Encode
+    runs per batch size."""
+    version = load_version(model_dir)
+    encoder, decoder = (graph_session(spec, provider, cuda_options) for spec in (version.encoder, version.decoder))
+    latents = np.random.default_rng(0).standard_normal((MEMORY_MAX_BATCH, version.latent_dim), dtype=np.float32)
+
+    def decode_and_encode(rows: int) -> None:
+        (images,) = decoder.run(None, {version.decoder.inputs[0].name: latents[:rows]})
+        encoder.run(None, {version.encoder.inputs[0].name: images})
+
+    for rows in (1, MEMORY_MAX_BATCH):
+        decode_and_encode(rows)
+    figures: dict[str, Any] = {"provider": decoder.get_providers()[0], **memory_figures(os.getpid(), "warm_up")}
+    for rows in batch_sizes:
+        for _ in range(repeats):
+            decode_and_encode(rows)
+    return {**figures, **memory_figures(os.getpid(), "loads")}
 
 
-def memory(record: StepRecord, provider: str, quick: bool, work: Path) -> None:
+def in_fresh_process(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a new interpreter (spawned, not forked): the memory it measures is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def memory(record: StepRecord, provider: Literal["cuda", "cpu"], quick: bool, work: Path) -> None:
     model_dir, record["model_source"] = served_model(work)
     batch_sizes = BATCH_SIZES[:-1] if quick else BATCH_SIZES
+    repeats = 1 if quick else 3
     latents, images = parity_inputs(model_dir, rows=max(batch_sizes))
     record["gpu_used_total_bytes_before"] = gpu_used_total_bytes()
-    results: dict[str, Any] = {}
-    arenas = {name: ARENAS[name] for name in QUICK_ARENAS} if quick else ARENAS
-    for name, flags in arenas.items():
-        server_flags = [f"--model-dir={model_dir}", f"--provider={provider}", "--intra-op-threads=1"]
-        with ServerProcess.vae_server(*server_flags, "--max-batch-size=1024", *flags) as server:
-            figures = results[name] = {
-                "gpu_memory_bytes_after_warm_up": server.gpu_memory_bytes(),
-                "gpu_used_total_bytes_after_warm_up": gpu_used_total_bytes(),
-                "rss_bytes_after_warm_up": server.rss_bytes(),
-            }
-            with VaeClient(server.target, timeout_s=60.0) as client:
-                for rows in batch_sizes:
-                    for _ in range(1 if quick else 3):
-                        client.decode(latents[:rows])
-                        client.encode(images[:rows])
-            figures["gpu_memory_bytes_after_loads"] = server.gpu_memory_bytes()
-            figures["gpu_used_total_bytes_after_loads"] = gpu_used_total_bytes()
-            figures["rss_bytes_after_loads"] = server.rss_bytes()
-        record["arenas"] = results
+    server_flags = [f"--model-dir={model_dir}", f"--provider={provider}", "--intra-op-threads=1"]
+    with ServerProcess.vae_server(*server_flags, f"--max-batch-size={MEMORY_MAX_BATCH}") as server:
+        served = memory_figures(server.process.pid, "warm_up")
+        with VaeClient(server.target, timeout_s=60.0) as client:
+            for rows in batch_sizes:
+                for _ in range(repeats):
+                    client.decode(latents[:rows])
+                    client.encode(images[:rows])
+        served.update(memory_figures(server.process.pid, "loads"))
+    record["server"] = served
+    arenas: dict[str, Any] = {}
+    for name in QUICK_ARENAS if quick else ARENAS:  # in-process: the server takes no arena options
+        arenas[name] = in_fresh_process(arena_memory, model_dir, provider, ARENAS[name], batch_sizes, repeats)
+        record["arenas"] = arenas
     if provider != "cuda":
-        record["gpu_memory"] = "not measured: CPU provider (the RSS figures are the server's host memory)"
-    mib = 1024 * 1024
+        record["gpu_memory"] = "not measured: CPU provider (the RSS figures are host memory)"
 
     def shown(value: int | None) -> str:
-        return "n/a" if value is None else f"{value / mib:,.0f} MiB"
+        return "n/a" if value is None else f"{value / MIB:,.0f} MiB"
 
     record["headline"] = [
         f"{name}: GPU {shown(f['gpu_memory_bytes_after_warm_up'])} -> {shown(f['gpu_memory_bytes_after_loads'])} "
         f"(whole GPU {shown(f['gpu_used_total_bytes_after_warm_up'])} -> "
         f"{shown(f['gpu_used_total_bytes_after_loads'])}), "
         f"RSS {shown(f['rss_bytes_after_warm_up'])} -> {shown(f['rss_bytes_after_loads'])}"
-        for name, f in results.items()
+        for name, f in {"server": served, **{f"in-process, {arena} arena": f for arena, f in arenas.items()}}.items()
     ]
     record["status"] = "ok"
 
@@ -298,7 +323,7 @@ def memory(record: StepRecord, provider: str, quick: bool, work: Path) -> None:
 def main() -> int:
     args = step_arguments(__doc__.split("\n\n")[0], ("serving", "limit", "sweep", "memory"))
     record = StepRecord(args.result)
-    provider: Provider = "cuda" if args.provider == "cuda" else "cpu"
+    provider: Literal["cuda", "cpu"] = "cuda" if args.provider == "cuda" else "cpu"
     if args.step == "serving":
         serving(record, provider, args.work)
     elif args.step == "limit":

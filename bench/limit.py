@@ -4,7 +4,8 @@
 
 No server can pass these figures on the same cores: a gRPC server adds decoding, validation, batching and
 the network on top of exactly these `GraphSession.run` calls. Prints one JSON line per graph and batch size
-(median rows/s over `--repeats` timed blocks of about `--block-seconds` each).
+(median rows/s over `--repeats` timed blocks of about `--block-seconds` each). `--io-binding on|pinned` runs the
+same sessions through IOBinding instead (bench/runtime_options.py), which the server does not do.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from typing import Protocol
 import numpy as np
 
 from bench.loadgen import pin_to_cpus
+from bench.runtime_options import IO_BINDINGS, IoBinding, IoBoundGraph
 from contract.repository import load_version
-from serving.dataplane.runtime import IoBinding, Provider, RuntimeSettings, load_sessions
+from serving.dataplane.runtime import Provider, RuntimeSettings, load_sessions
 
 BATCH_SIZES = (1, 64, 1024)
 
 
 class Runner(Protocol):
-    """What is timed: a GraphSession, or bench/gpu_serving.py's CUDA-graph runner."""
+    """What is timed: a GraphSession, an IoBoundGraph, or bench/gpu_serving.py's CUDA-graph runner."""
 
     def run(self, rows: np.ndarray) -> Sequence[np.ndarray]: ...
 
@@ -60,13 +62,17 @@ def measure(
 ) -> list[dict[str, object]]:
     """rows/s of decoder and encoder at each batch size, as dicts ready for JSON."""
     model = load_version(model_dir)
-    runtime = load_sessions(model, RuntimeSettings(provider=provider, intra_op_threads=threads, io_binding=io_binding))
+    runtime = load_sessions(model, RuntimeSettings(provider=provider, intra_op_threads=threads))
+    decoder, encoder = (
+        graph if io_binding == "off" else IoBoundGraph(spec, graph.session, io_binding)
+        for graph, spec in ((runtime.decoder, model.decoder), (runtime.encoder, model.encoder))
+    )
     rng = np.random.default_rng(0)
     results: list[dict[str, object]] = []
     for rows in batch_sizes:
-        inputs = {
-            "decode": (runtime.decoder, rng.standard_normal((rows, model.latent_dim), dtype=np.float32)),
-            "encode": (runtime.encoder, rng.random((rows, *model.image_shape), dtype=np.float32)),
+        inputs: dict[str, tuple[Runner, np.ndarray]] = {
+            "decode": (decoder, rng.standard_normal((rows, model.latent_dim), dtype=np.float32)),
+            "encode": (encoder, rng.random((rows, *model.image_shape), dtype=np.float32)),
         }
         for graph, (runner, batch) in inputs.items():
             rate = rows_per_second(runner, batch, block_seconds, repeats)
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per figure (the median is shown)")
     parser.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu", help="execution provider")
     parser.add_argument(
-        "--io-binding", choices=("off", "on", "pinned"), default="off", help="see --io-binding of the server"
+        "--io-binding", choices=IO_BINDINGS, default="off", help="off: session.run, as served; on, pinned: IOBinding"
     )
     parser.add_argument("--cpus", help="pin to these CPUs, e.g. 0")
     args = parser.parse_args(argv)

@@ -9,15 +9,7 @@ import numpy as np
 import pytest
 
 from contract.repository import load_version
-from serving.dataplane.runtime import (
-    CPU,
-    CUDA,
-    GraphOptimization,
-    IoBinding,
-    ProviderUnavailable,
-    RuntimeSettings,
-    load_sessions,
-)
+from serving.dataplane.runtime import CPU, CUDA, GraphOptimization, ProviderUnavailable, RuntimeSettings, load_sessions
 
 
 def test_cpu_provider_runs_both_graphs(exported_repository: Path) -> None:
@@ -58,23 +50,3 @@ def test_graph_optimization_levels_give_the_same_images(exported_repository: Pat
     runtime = load_sessions(version, RuntimeSettings(provider="cpu", intra_op_threads=1, graph_optimization=level))
     latents = np.random.default_rng(1).standard_normal((4, 20)).astype(np.float32)
     np.testing.assert_allclose(runtime.decoder.run(latents)[0], reference.decoder.run(latents)[0], atol=1e-5)
-
-
-@pytest.mark.parametrize("io_binding", ["on", "pinned"])
-def test_io_binding_gives_the_images_of_session_run(exported_repository: Path, io_binding: IoBinding) -> None:
-    version = load_version(exported_repository)
-    reference = load_sessions(version, RuntimeSettings(provider="cpu", intra_op_threads=1))
-    bound = load_sessions(version, RuntimeSettings(provider="cpu", intra_op_threads=1, io_binding=io_binding))
-    latents = np.random.default_rng(2).standard_normal((5, 20)).astype(np.float32)
-    (images,) = bound.decoder.run(latents)
-    np.testing.assert_array_equal(images, reference.decoder.run(latents)[0])
-    bound.decoder.run(-latents)  # the same row count again: "pinned" reuses its output buffers
-    np.testing.assert_array_equal(images, reference.decoder.run(latents)[0])  # a returned result stays put
-    for ours, theirs in zip(bound.encoder.run(images), reference.encoder.run(images), strict=True):
-        np.testing.assert_array_equal(ours, theirs)
-
-
-def test_cuda_arena_settings_become_cuda_provider_options() -> None:
-    assert RuntimeSettings().cuda_provider_options() == {"arena_extend_strategy": "kNextPowerOfTwo"}
-    capped = RuntimeSettings(cuda_mem_limit_bytes=1 << 28, cuda_arena_extend_strategy="same-as-requested")
-    assert capped.cuda_provider_options() == {"arena_extend_strategy": "kSameAsRequested", "gpu_mem_limit": "268435456"}

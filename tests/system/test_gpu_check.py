@@ -1,5 +1,10 @@
 """The GPU check's dry run (`make gpu-check ARGS="--provider cpu --quick"`): every step runs end to end on the
-CPU and writes real figures, so the one run on a GPU is not spent on a typo."""
+CPU and writes real figures, so the one run on a GPU is not spent on a typo.
+
+The steps run without their budgets (`--no-budgets`): the budgets stop a GPU run that hangs, and on a loaded
+machine a slow step is no hang. That a step past its budget is killed is tests/unit/test_gpu_check.py's; a
+hung dry run is stopped by the bounds here, far above what it takes (about a minute on an idle machine).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,11 @@ import pytest
 from bench.gpu_check import STEPS, TOLERANCE
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.timeout(900)  # the dry run is the first test's fixture: it counts against that test
 
-def gpu_check(out: Path, *args: str, timeout: float = 280) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    command = [sys.executable, "-m", "bench.gpu_check", "--quick", "--out", str(out), *args]
+
+def gpu_check(out: Path, *args: str, timeout: float = 840) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    command = [sys.executable, "-m", "bench.gpu_check", "--quick", "--no-budgets", "--out", str(out), *args]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     (results,) = out.glob("gpu-check-*.json")
     return finished, json.loads(results.read_text())
@@ -35,12 +42,12 @@ def test_dry_run_passes_every_step_and_names_its_files(dry_run: tuple[Any, dict[
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert list(report["steps"]) == [step.name for step in STEPS]
     assert all(entry["status"] == "ok" for entry in report["steps"].values()), report["steps"]
-    assert all(0 < entry["seconds"] <= entry["budget_s"] for entry in report["steps"].values())
+    assert all(entry["seconds"] > 0 and entry["budget_s"] is None for entry in report["steps"].values())
     stem = f"gpu-check-{datetime.date.today().isoformat()}-cpu"  # no GPU: the provider names the file
     assert (out / f"{stem}.json").is_file()
     summary = (out / f"{stem}.txt").read_text()
     assert "PASSED" in summary and all(step.name in summary for step in STEPS)
-    assert report["passed"] is True and report["provider"] == "cpu" and report["seconds"] <= report["timeout_s"]
+    assert report["passed"] is True and report["provider"] == "cpu" and report["timeout_s"] is None
 
 
 def test_dry_run_measures_training_and_export_on_the_chosen_device(dry_run: tuple[Any, dict[str, Any], Path]) -> None:
@@ -77,20 +84,23 @@ def test_dry_run_measures_limit_sweep_and_memory(dry_run: tuple[Any, dict[str, A
     assert steps["limit"]["cuda_graphs"][0]["status"].startswith("unsupported: CUDA graphs need the CUDA provider")
     sweep = steps["sweep"]
     modes = {point["mode"] for point in sweep["points"]}
-    assert modes == {"batching", "batching+io-binding-on", "batching+io-binding-pinned", "minimal"}
+    assert modes == {"batching", "minimal"}
     assert all(p["errors"] == {} and p["requests"] > 0 and p["server_cpu_s"] >= 0 for p in sweep["points"])
     cpu = sweep["cpu_per_request"]
     assert cpu["decode_1x64_server_cpu_ms_per_request"] > 0 and cpu["minimal_decode_1x64_server_cpu_ms_per_request"] > 0
-    for arena in steps["memory"]["arenas"].values():
-        assert arena["rss_bytes_after_warm_up"] > 10_000_000 and arena["rss_bytes_after_loads"] > 10_000_000
-        assert arena["gpu_memory_bytes_after_loads"] is None  # no nvidia-smi here: said, not invented
+    memory = steps["memory"]
+    assert set(memory["arenas"]) == {"same-as-requested, 256 MiB cap"}  # --quick: the one with both options
+    for figures in (memory["server"], *memory["arenas"].values()):  # the server, then each arena in-process
+        assert figures["rss_bytes_after_warm_up"] > 10_000_000 and figures["rss_bytes_after_loads"] > 10_000_000
+        assert figures["gpu_memory_bytes_after_loads"] is None  # no GPU memory held: said, not invented
+    assert memory["arenas"]["same-as-requested, 256 MiB cap"]["provider"] == "CPUExecutionProvider"
 
 
 def test_a_failing_step_is_recorded_and_the_next_still_runs(tmp_path: Path) -> None:
     """`--provider cuda` where torch sees no GPU: both steps fail with the reason, the results file still comes."""
     import torch
 
-    finished, report = gpu_check(tmp_path, "--provider", "cuda", "--steps", "environment", "training", timeout=120)
+    finished, report = gpu_check(tmp_path, "--provider", "cuda", "--steps", "environment", "training", timeout=600)
     steps = report["steps"]
     assert list(steps) == ["environment", "training"]
     assert steps["environment"]["onnxruntime"]["providers_offered"]  # the figures a step got are kept either way
