@@ -92,8 +92,9 @@ def serve_once(model_dir: Path, provider: str, latents: np.ndarray, images: np.n
         gpu_memory = server.gpu_memory_bytes()
         with VaeClient(server.target, timeout_s=60.0) as client:
             info = client.model_info()
-            mu, log_var = client.encode(images)
-            decoded = client.decode(latents)
+            posterior = client.encode(images)
+            mu, log_var = posterior.mu, posterior.log_var
+            decoded = client.decode(latents).images
     return {
         "startup_to_serving_s": round(startup_s, 2),
         "logged_provider": logged[0] if logged else None,

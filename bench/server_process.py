@@ -1,7 +1,7 @@
 """A gRPC server as a child process on a free loopback port: what the benchmarks and the tests start.
 
     with ServerProcess.vae_server("--model-dir", "models/vae-mnist") as server:    # python -m serving.server
-        VaeClient(server.target).sample(4)
+        drawn = VaeClient(server.target).sample(4)                                 # .images, .seed, .model_version
     print(server.exit_code)
 
 The server's address is read from its `server_started` JSON log line on stderr (`--port 0`: the kernel picks

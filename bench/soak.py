@@ -60,19 +60,22 @@ class Mix:
 
     def calls(self, client: VaeClient) -> list[tuple[str, Callable[[int], None]]]:
         def sample(i: int) -> None:
-            self.same_as_first(("sample", i % 16), *client.sample(8, seed=i % 16))
+            drawn = client.sample(8, seed=i % 16)
+            self.same_as_first(("sample", i % 16), drawn.images, drawn.latents)
 
         def decode(i: int) -> None:
-            self.same_as_first("decode", client.decode(self.latents, output_dtype="uint8"))
+            self.same_as_first("decode", client.decode(self.latents, output_dtype="uint8").images)
 
         def encode(i: int) -> None:
-            self.same_as_first("encode", *client.encode(self.images))
+            posterior = client.encode(self.images)
+            self.same_as_first("encode", posterior.mu, posterior.log_var)
 
         def interpolate(i: int) -> None:
-            self.same_as_first("slerp", *client.interpolate(self.latents[:2], self.latents[2:4], 8, "slerp"))
+            path = client.interpolate(self.latents[:2], self.latents[2:4], 8, "slerp")
+            self.same_as_first("slerp", path.images, path.latents)
 
         def stream(i: int) -> None:
-            rows = sum(len(latents) for _, latents in client.sample_stream(200, seed=i % 4))
+            rows = sum(len(chunk.latents) for chunk in client.sample_stream(200, seed=i % 4))
             if rows != 200:
                 raise AssertionError(f"SampleStream brought {rows} rows of 200")
 

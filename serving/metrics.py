@@ -84,8 +84,8 @@ class Metrics:
         )
         self.input_score = prom.Histogram(
             "vae_input_score_nats",
-            "negative ELBO (nats, reconstruction at the posterior mean) of each input scored: Score and Reconstruct "
-            "inputs, and the sampled fraction of Encode's",
+            "plug-in negative ELBO (nats: -log p(x|z=mu) + KL, deterministic) of each input scored: Score and "
+            "Reconstruct inputs, and the sampled fraction of Encode's",
             ["version"],
             buckets=_SCORE_BUCKETS,
             registry=r,
@@ -99,8 +99,8 @@ class Metrics:
         )
         self.score_baseline = prom.Gauge(
             "vae_model_score_baseline_nats",
-            "quantiles of the negative ELBO over the version's validation images, from its manifest (the training "
-            "baseline the input score histogram is compared with)",
+            "quantiles of the plug-in negative ELBO over the version's validation images, from its manifest (the "
+            "training baseline the input score histogram is compared with)",
             ["version", "quantile"],
             registry=r,
         )
@@ -230,8 +230,8 @@ class _VersionObserver:
         for norm in latent_norms.tolist():
             self._norms.observe(norm)
 
-    def inputs_scored(self, negative_elbo: np.ndarray) -> None:
-        for value in negative_elbo.tolist():
+    def inputs_scored(self, plugin_negative_elbo: np.ndarray) -> None:
+        for value in plugin_negative_elbo.tolist():
             self._scores.observe(value)
 
 

@@ -304,15 +304,14 @@ class Callers:
         with VaeClient(target, timeout_s=30) as client:
             while not self._stop.is_set():
                 try:
-                    images, latents = client.sample(rows, seed=seed)
+                    drawn = client.sample(rows, seed=seed)
                 except VaeError as exc:
                     with self._lock:
                         self.errors.append(str(exc))
                     continue
-                version = client.last_model_version or 0
                 with self._lock:
-                    self.replies.append((version, latents, images))
-                    self.by_caller[seed].append(version)
+                    self.replies.append((drawn.model_version, drawn.latents, drawn.images))
+                    self.by_caller[seed].append(drawn.model_version)
 
     def versions_seen(self) -> list[int]:
         with self._lock:

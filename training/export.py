@@ -11,8 +11,8 @@ memory, written into a temporary directory beside the versions, verified with th
 uses (`contract.repository`) and renamed into place: a failure or a crash never leaves a half version.
 
 The manifest's `baseline` is what the exported graphs make of the training run's validation images, scored
-exactly as the server scores its inputs (`contract.scores`): quantiles of the negative ELBO (the
-drift alert's reference), the mean KL of each latent dimension and the active ones (Traverse reports them).
+exactly as the server scores its inputs for drift (`contract.scores`): quantiles of the plug-in negative
+ELBO (the drift alert's reference), the mean KL of each latent dimension and the active ones (Traverse reports them).
 Where the dataset cannot be loaded (`--data-dir` points at it), the version is exported without a baseline.
 """
 
@@ -51,6 +51,8 @@ PARITY_TOLERANCE = 1e-5  # max absolute difference, onnxruntime CPU vs PyTorch e
 PRODUCER = "vae-service training.export"
 ACTIVE_KL_NATS = 0.01  # a latent dimension whose mean KL is at most this carries no information: inactive
 BASELINE_BATCH = 1000
+# What the baseline's quantiles are of: the one definition the drift telemetry uses too (contract/scores.py says why).
+BASELINE_SCORE = "plug-in negative ELBO in nats: -log p(x | z = mu) + KL (contract.scores.plugin_negative_elbo_nats)"
 
 
 class ExportError(Exception):
@@ -161,20 +163,20 @@ def validation_baseline(
     sessions = {
         role: ort.InferenceSession(data, providers=["CPUExecutionProvider"]) for role, data in graph_bytes.items()
     }
-    negative_elbo, kl_rows = [], []
+    plugin, kl_rows = [], []
     for start in range(0, len(images), BASELINE_BATCH):
         batch = images[start : start + BASELINE_BATCH]
         mu, log_var = sessions["encoder"].run(None, {repo.ENCODER_INPUT: batch})
         (decoded,) = sessions["decoder"].run(None, {repo.DECODER_INPUT: mu})
-        negative_elbo.append(scores.negative_elbo_nats(batch, mu, log_var, decoded))
+        plugin.append(scores.plugin_negative_elbo_nats(batch, mu, log_var, decoded))
         kl_rows.append(scores.kl_nats(mu[..., None], log_var[..., None]))  # per dimension: [batch, D]
-    values = np.concatenate(negative_elbo)
+    values = np.concatenate(plugin)
     kl_per_dim = np.concatenate(kl_rows).mean(axis=0)
     return schema.Baseline(
         dataset=dataset,
         split=split,
         images=len(images),
-        score="negative ELBO in nats, reconstruction at the posterior mean (contract.scores)",
+        score=BASELINE_SCORE,
         score_quantiles={
             scores.quantile_key(q): round(float(np.quantile(values, q)), 3) for q in scores.BASELINE_QUANTILES
         },

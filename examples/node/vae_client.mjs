@@ -192,7 +192,16 @@ function picture({ shape, dtype, values }) {
   return lines.join("\n");
 }
 
-const SCORE_FIELDS = ["negative_elbo", "reconstruction", "kl", "complexity", "corrected", "iwae", "latent_norm"];
+const SCORE_FIELDS = [
+  "negative_elbo",
+  "reconstruction",
+  "kl",
+  "complexity",
+  "corrected",
+  "iwae",
+  "latent_norm",
+  "plugin_negative_elbo",
+];
 
 async function score(client, options, positionals, timeout) {
   let images;

@@ -25,12 +25,12 @@ from serving.client.images import image_grid, load_image
 
 
 def _sample_command(client: VaeClient, args: argparse.Namespace) -> str:
-    images, _ = client.sample(
+    drawn = client.sample(
         args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype="uint8", offset=args.offset
     )
-    image_grid(images, args.columns).save(args.output)
-    rows = f"rows {args.offset}..{args.offset + len(images) - 1} of seed {client.last_sample_seed}"
-    return f"wrote {args.output}: {len(images)} samples ({rows}) from version {client.last_model_version}"
+    image_grid(drawn.images, args.columns).save(args.output)
+    rows = f"rows {drawn.offset}..{drawn.offset + len(drawn.images) - 1} of seed {drawn.seed}"
+    return f"wrote {args.output}: {len(drawn.images)} samples ({rows}) from version {drawn.model_version}"
 
 
 def _load_images(client: VaeClient, paths: list[Path]) -> np.ndarray:
@@ -40,26 +40,27 @@ def _load_images(client: VaeClient, paths: list[Path]) -> np.ndarray:
 
 def _score_command(client: VaeClient, args: argparse.Namespace) -> str:
     scores = client.score(_load_images(client, args.images), args.importance_samples, args.seed)
-    columns = ["negative_elbo", "reconstruction", "kl", "complexity", "corrected"]
+    columns = ["negative_elbo", "reconstruction", "kl", "complexity", "corrected", "plugin_negative_elbo"]
     columns += ["iwae"] if scores.iwae is not None else []
+    widths = [max(14, len(name)) for name in columns]
     width = max(len("image"), *(len(str(path)) for path in args.images))
-    lines = [f"{'image':<{width}}  " + "  ".join(f"{name:>14}" for name in columns)]
+    lines = [f"{'image':<{width}}  " + "  ".join(f"{name:>{w}}" for name, w in zip(columns, widths, strict=True))]
     for row, path in enumerate(args.images):
-        values = (getattr(scores, name)[row] for name in columns)
-        lines.append(f"{path!s:<{width}}  " + "  ".join(f"{value:14.2f}" for value in values))
-    lines.append(f"nats; higher: less like the training data (version {client.last_model_version})")
+        cells = (f"{getattr(scores, name)[row]:{w}.2f}" for name, w in zip(columns, widths, strict=True))
+        lines.append(f"{path!s:<{width}}  " + "  ".join(cells))
+    lines.append(f"nats; higher: less like the training data (version {scores.model_version})")
     return "\n".join(lines)
 
 
 def _reconstruct_command(client: VaeClient, args: argparse.Namespace) -> str:
     images = _load_images(client, args.images)
-    reconstructions, _, scores = client.reconstruct(images, args.sample_posterior, args.seed, output_dtype="uint8")
-    pairs = np.stack([images, reconstructions], axis=1).reshape(-1, *images.shape[1:])
+    result = client.reconstruct(images, args.sample_posterior, args.seed, output_dtype="uint8")
+    pairs = np.stack([images, result.images], axis=1).reshape(-1, *images.shape[1:])
     image_grid(pairs, columns=2).save(args.output)
-    worst = float(scores.negative_elbo.max())
+    worst = float(result.scores.negative_elbo.max())
     return (
         f"wrote {args.output}: {len(images)} rows of (image, reconstruction), negative ELBO up to {worst:.1f} nats, "
-        f"from version {client.last_model_version}"
+        f"from version {result.model_version}"
     )
 
 
@@ -75,18 +76,18 @@ def _traverse_command(client: VaeClient, args: argparse.Namespace) -> str:
     image_grid(grid_images.reshape(-1, *grid_images.shape[2:]), columns=len(grid.values)).save(args.output)
     return (
         f"wrote {args.output}: dimensions {list(rows)} (one per row) over {grid.values[0]:g}..{grid.values[-1]:g}; "
-        f"active dimensions {list(grid.active_dimensions) or 'unknown'}; version {client.last_model_version}"
+        f"active dimensions {list(grid.active_dimensions) or 'unknown'}; version {grid.model_version}"
     )
 
 
 def _interpolate_command(client: VaeClient, args: argparse.Namespace) -> str:
     shape = client.model_info().image_shape
     start, end = (load_image(path, shape)[None] for path in (args.start, args.end))
-    images, _ = client.interpolate(start, end, args.steps, args.method, output_dtype="uint8")
-    image_grid(images.reshape(-1, *images.shape[2:]), columns=args.steps).save(args.output)
+    path = client.interpolate(start, end, args.steps, args.method, output_dtype="uint8")
+    image_grid(path.images.reshape(-1, *path.images.shape[2:]), columns=args.steps).save(args.output)
     return (
         f"wrote {args.output}: {args.steps} images from {args.start} to {args.end} ({args.method}) "
-        f"from version {client.last_model_version}"
+        f"from version {path.model_version}"
     )
 
 
@@ -94,7 +95,7 @@ def _info_command(client: VaeClient, args: argparse.Namespace) -> str:
     info = client.model_info()
     summary = {
         "name": info.name,
-        "version": info.version,
+        "version": info.model_version,
         "latent_dim": info.latent_dim,
         "image_shape": list(info.image_shape),
         "provider": info.provider,

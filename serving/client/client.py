@@ -1,15 +1,17 @@
 """A typed client for VaeService: numpy in, numpy out. It imports the contract (`serving.api`), nothing of the server.
 
     with VaeClient("localhost:50051") as vae:
-        images, latents = vae.sample(16, seed=1)       # [16,1,28,28] float32, [16,D]
-        mu, log_var = vae.encode(images)
-        scores = vae.score(images)                     # per image: negative_elbo, corrected, ... (nats)
-        print(vae.last_model_version)                  # the version that answered
+        drawn = vae.sample(16, seed=1)                 # .images [16,1,28,28] float32, .latents [16,D], .seed, .offset
+        posterior = vae.encode(drawn.images)           # .mu, .log_var, each [16,D]
+        scores = vae.score(drawn.images)               # per image: .negative_elbo, .corrected, ... (nats)
+        print(scores.model_version)                    # every result names the version that answered it
         canary = vae.using(label="canary")             # the same channel, requests naming a label
-        images, _ = canary.sample(16, seed=1)
+        canary_drawn = canary.sample(16, seed=1)
 
-A client names a version (`model_version=3`) or a label (`label="stable"`) in every request, or neither
-(the server's default route); `last_model_version` is the version that answered this thread's last call.
+Every method that calls VaeService returns a small frozen result carrying `model_version`, the version that
+answered that very call, so one client can be shared by threads without their answers being mixed up. A client
+names a version (`model_version=3`) or a label (`label="stable"`) in every request, or neither (the server's
+default route).
 
 For a server with TLS, pass the CA that signed its certificate (`tls_ca`; without it the system's roots),
 and for mutual TLS a client certificate and key (`tls_cert`, `tls_key`); the CLI's `--tls-ca`, `--tls-cert`,
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,109 @@ class VaeError(Exception):
         self.details = details
 
 
+# The results holding arrays compare by identity (eq=False): `==` on arrays is elementwise, not a yes or no.
+
+
+@dataclass(frozen=True, eq=False)
+class Encoding:
+    """Encode's answer: the posterior q(z|x) = N(mu, exp(log_var)) of each image."""
+
+    mu: np.ndarray  # [N, D]
+    log_var: np.ndarray  # [N, D]
+    model_version: int  # the version that answered
+
+
+@dataclass(frozen=True, eq=False)
+class Decoding:
+    """Decode's answer: the images the latents decode to."""
+
+    images: np.ndarray  # [N, 1, 28, 28] float32 in [0, 1], or uint8
+    model_version: int  # the version that answered
+
+
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """Sample's answer, or one chunk of SampleStream's: rows offset .. offset + N - 1 of the seed's prior draws."""
+
+    images: np.ndarray  # [N, 1, 28, 28] float32 in [0, 1], or uint8
+    latents: np.ndarray  # [N, D], the draws the images were decoded from
+    seed: int  # the request's seed, or the one the server drew when it named none: it redraws these rows
+    offset: int  # index of the first row in the seed's sequence
+    model_version: int  # the version that answered
+
+
+@dataclass(frozen=True, eq=False)
+class Interpolation:
+    """Interpolate's answer: P paths of `steps` points each, both ends included."""
+
+    images: np.ndarray  # [P, steps, 1, 28, 28]
+    latents: np.ndarray  # [P, steps, D]
+    model_version: int  # the version that answered
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """Per-image scores in nats, each [N] float64; higher means less like the training data (see vae.proto)."""
+
+    negative_elbo: np.ndarray  # the negative ELBO, a Monte Carlo estimate from the posterior draws
+    plugin_negative_elbo: np.ndarray  # -log p(x | z = mu) + kl: deterministic; neither a bound nor the ELBO
+    reconstruction: np.ndarray
+    kl: np.ndarray
+    complexity: np.ndarray
+    corrected: np.ndarray  # negative_elbo - complexity: the one to flag out-of-distribution inputs with
+    latent_norm: np.ndarray
+    iwae: np.ndarray | None  # the importance-weighted bound, when importance samples were asked for (else None)
+    model_version: int  # the version that answered
+
+    @classmethod
+    def from_proto(cls, messages: Any, model_version: int) -> Scores:
+        """The columns of a reply's ImageScore messages."""
+
+        def column(name: str) -> np.ndarray:
+            return np.array([getattr(m, name) for m in messages], dtype=np.float64)
+
+        has_iwae = len(messages) > 0 and all(m.HasField("iwae") for m in messages)
+        return cls(
+            negative_elbo=column("negative_elbo"),
+            plugin_negative_elbo=column("plugin_negative_elbo"),
+            reconstruction=column("reconstruction"),
+            kl=column("kl"),
+            complexity=column("complexity"),
+            corrected=column("corrected"),
+            latent_norm=column("latent_norm"),
+            iwae=column("iwae") if has_iwae else None,
+            model_version=model_version,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Reconstruction:
+    """Reconstruct's answer: the decoded latents and the images' scores (one posterior draw each)."""
+
+    images: np.ndarray  # [N, 1, 28, 28]
+    latents: np.ndarray  # [N, D], the posterior means, or the draws with sample_posterior
+    scores: Scores
+    model_version: int  # the version that answered
+
+
+@dataclass(frozen=True, eq=False)
+class Traversal:
+    """Traverse's grid: row r sweeps latent dimension dimensions[r] over `values`."""
+
+    images: np.ndarray  # [R, S, 1, 28, 28]
+    latents: np.ndarray  # [R, S, D]
+    dimensions: tuple[int, ...]
+    values: np.ndarray  # [S]
+    active_dimensions: tuple[int, ...]  # the dimensions the model uses (empty: its manifest does not say)
+    model_version: int  # the version that answered
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """The served model, as GetModelInfo describes it."""
 
     name: str
-    version: int
+    model_version: int  # the version that answered, the one this client's requests get
     latent_dim: int
     image_shape: tuple[int, ...]
     provider: str
@@ -77,46 +175,6 @@ class VersionStatus:
     labels: tuple[str, ...]
     is_default: bool
     error: str = ""
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Per-image scores in nats, each [N] float64; higher means less like the training data (see vae.proto)."""
-
-    negative_elbo: np.ndarray
-    reconstruction: np.ndarray
-    kl: np.ndarray
-    complexity: np.ndarray
-    corrected: np.ndarray  # negative_elbo - complexity: the one to flag out-of-distribution inputs with
-    latent_norm: np.ndarray
-    iwae: np.ndarray | None = None  # the importance-weighted bound, when importance samples were asked for
-
-    @classmethod
-    def from_proto(cls, messages: Any) -> Scores:
-        def column(name: str) -> np.ndarray:
-            return np.array([getattr(m, name) for m in messages], dtype=np.float64)
-
-        has_iwae = len(messages) > 0 and all(m.HasField("iwae") for m in messages)
-        return cls(
-            negative_elbo=column("negative_elbo"),
-            reconstruction=column("reconstruction"),
-            kl=column("kl"),
-            complexity=column("complexity"),
-            corrected=column("corrected"),
-            latent_norm=column("latent_norm"),
-            iwae=column("iwae") if has_iwae else None,
-        )
-
-
-@dataclass(frozen=True)
-class Traversal:
-    """Traverse's grid: row r sweeps latent dimension dimensions[r] over `values`."""
-
-    images: np.ndarray  # [R, S, 1, 28, 28]
-    latents: np.ndarray  # [R, S, D]
-    dimensions: tuple[int, ...]
-    values: np.ndarray  # [S]
-    active_dimensions: tuple[int, ...]  # the dimensions the model uses (empty: its manifest does not say)
 
 
 def _array(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -150,6 +208,13 @@ def channel_credentials(
 
     return grpc.ssl_channel_credentials(
         root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
+
+
+def _samples(reply: pb.SampleResponse) -> Samples:
+    """A Sample reply, or one SampleStream message, as its rows and where they sit in the seed's sequence."""
+    return Samples(
+        _array(reply.images, "images"), _array(reply.latents, "latents"), reply.seed, reply.offset, reply.model_version
     )
 
 
@@ -190,7 +255,6 @@ class VaeClient:
         self.target = target
         self.timeout_s = timeout_s
         self._spec = _version_spec(model_version, label)
-        self._last = threading.local()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -210,17 +274,7 @@ class VaeClient:
         """This client on the same channel, its requests naming `model_version` or `label` (neither: default)."""
         view = copy.copy(self)
         view._spec = _version_spec(model_version, label)
-        view._last = threading.local()
         return view
-
-    @property
-    def last_model_version(self) -> int | None:
-        """The version that answered this thread's last successful call on this client (None before one)."""
-        return getattr(self._last, "version", None)
-
-    def _answered(self, reply: Any) -> Any:
-        self._last.version = reply.model_version if reply.model_version else None
-        return reply
 
     def __enter__(self) -> VaeClient:
         return self
@@ -240,20 +294,20 @@ class VaeClient:
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
         request = self._versioned(request)
         try:
-            reply = method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except grpc.RpcError as exc:
             raise VaeError(exc.code(), exc.details() or "") from None
-        return self._answered(reply) if hasattr(reply, "model_version") else reply
 
-    def encode(self, images: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Images [N,1,28,28] (float32 in [0,1] or uint8) → (mu, log_var), each [N, D]."""
+    def encode(self, images: np.ndarray, timeout_s: float | None = None) -> Encoding:
+        """Images [N,1,28,28] (float32 in [0,1] or uint8) → their posteriors: mu and log_var, each [N, D]."""
         reply = self._call(self._stub.Encode, pb.EncodeRequest(images=_wire(images)), timeout_s)
-        return _array(reply.mu, "mu"), _array(reply.log_var, "log_var")
+        return Encoding(_array(reply.mu, "mu"), _array(reply.log_var, "log_var"), reply.model_version)
 
-    def decode(self, latents: np.ndarray, output_dtype: str = "float32", timeout_s: float | None = None) -> np.ndarray:
+    def decode(self, latents: np.ndarray, output_dtype: str = "float32", timeout_s: float | None = None) -> Decoding:
         """Latents [N, D] → images [N,1,28,28] (float32 in [0,1], or uint8 with output_dtype="uint8")."""
         request = pb.DecodeRequest(latents=_wire(latents), output_dtype=_DTYPES[output_dtype])
-        return _array(self._call(self._stub.Decode, request, timeout_s).images, "images")
+        reply = self._call(self._stub.Decode, request, timeout_s)
+        return Decoding(_array(reply.images, "images"), reply.model_version)
 
     def _sample_request(
         self, count: int, seed: int | None, temperature: float | None, dtype: str, offset: int
@@ -261,11 +315,6 @@ class VaeClient:
         return pb.SampleRequest(
             num_samples=count, seed=seed, temperature=temperature, output_dtype=_DTYPES[dtype], offset=offset
         )
-
-    @property
-    def last_sample_seed(self) -> int | None:
-        """The seed of this thread's last Sample or SampleStream reply: the one given, or the server's draw."""
-        return getattr(self._last, "seed", None)
 
     def sample(
         self,
@@ -275,14 +324,12 @@ class VaeClient:
         output_dtype: str = "float32",
         timeout_s: float | None = None,
         offset: int = 0,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(images [count,1,28,28], latents [count, D]): rows offset .. offset + count - 1 of the seed's prior
-        draws. The same seed and row always give the same image; without a seed the server draws one
-        (`last_sample_seed`)."""
+    ) -> Samples:
+        """Images [count,1,28,28] and latents [count, D]: rows offset .. offset + count - 1 of the seed's prior
+        draws. The same seed and row always give the same image; without a seed the server draws one (the
+        result's `seed`)."""
         request = self._sample_request(count, seed, temperature, output_dtype, offset)
-        reply = self._call(self._stub.Sample, request, timeout_s)
-        self._last.seed = reply.seed
-        return _array(reply.images, "images"), _array(reply.latents, "latents")
+        return _samples(self._call(self._stub.Sample, request, timeout_s))
 
     def sample_stream(
         self,
@@ -292,16 +339,14 @@ class VaeClient:
         output_dtype: str = "float32",
         timeout_s: float | None = None,
         offset: int = 0,
-    ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
-        """`sample` for large counts: (images, latents) chunks; closing the iterator early cancels the stream.
-        A stream broken after k rows resumes with offset=offset + k."""
+    ) -> Generator[Samples, None, None]:
+        """`sample` for large counts: one `Samples` per chunk, each with its own offset; closing the iterator early
+        cancels the stream. A stream broken after k rows resumes with offset=offset + k."""
         request = self._versioned(self._sample_request(count, seed, temperature, output_dtype, offset))
         stream = self._stub.SampleStream(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         try:
             for reply in stream:
-                self._answered(reply)
-                self._last.seed = reply.seed
-                yield _array(reply.images, "images"), _array(reply.latents, "latents")
+                yield _samples(reply)
         except grpc.RpcError as exc:
             raise VaeError(exc.code(), exc.details() or "") from None
         finally:
@@ -315,8 +360,8 @@ class VaeClient:
         method: str = "linear",
         output_dtype: str = "float32",
         timeout_s: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """P pairs of images [P,1,28,28] or latents [P,D] → (images [P,steps,1,28,28], latents [P,steps,D])."""
+    ) -> Interpolation:
+        """P pairs of images [P,1,28,28] or latents [P,D] → the paths: images [P,steps,1,28,28], latents [P,steps,D]."""
         request = pb.InterpolateRequest(
             start=_wire(start),
             end=_wire(end),
@@ -325,7 +370,7 @@ class VaeClient:
             output_dtype=_DTYPES[output_dtype],
         )
         reply = self._call(self._stub.Interpolate, request, timeout_s)
-        return _array(reply.images, "images"), _array(reply.latents, "latents")
+        return Interpolation(_array(reply.images, "images"), _array(reply.latents, "latents"), reply.model_version)
 
     def score(
         self,
@@ -336,7 +381,8 @@ class VaeClient:
     ) -> Scores:
         """Images [N,1,28,28] → their scores (nats); importance_samples=K adds the K-sample bound `iwae`."""
         request = pb.ScoreRequest(images=_wire(images), importance_samples=importance_samples, seed=seed)
-        return Scores.from_proto(self._call(self._stub.Score, request, timeout_s).scores)
+        reply = self._call(self._stub.Score, request, timeout_s)
+        return Scores.from_proto(reply.scores, reply.model_version)
 
     def reconstruct(
         self,
@@ -345,14 +391,19 @@ class VaeClient:
         seed: int | None = None,
         output_dtype: str = "float32",
         timeout_s: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, Scores]:
-        """Images → (reconstructions [N,1,28,28], latents decoded [N, D], scores): the posterior means decoded,
-        or with sample_posterior one seeded draw z ~ q(z|x) per image."""
+    ) -> Reconstruction:
+        """Images → their reconstructions [N,1,28,28], the latents decoded [N, D] and the images' scores: the
+        posterior means decoded, or with sample_posterior one seeded draw z ~ q(z|x) per image."""
         request = pb.ReconstructRequest(
             images=_wire(images), sample_posterior=sample_posterior, seed=seed, output_dtype=_DTYPES[output_dtype]
         )
         reply = self._call(self._stub.Reconstruct, request, timeout_s)
-        return _array(reply.images, "images"), _array(reply.latents, "latents"), Scores.from_proto(reply.scores)
+        return Reconstruction(
+            _array(reply.images, "images"),
+            _array(reply.latents, "latents"),
+            Scores.from_proto(reply.scores, reply.model_version),
+            reply.model_version,
+        )
 
     def traverse(
         self,
@@ -383,11 +434,12 @@ class VaeClient:
             tuple(reply.dimensions),
             np.array(reply.values, dtype=np.float32),
             tuple(reply.active_dimensions),
+            reply.model_version,
         )
 
     def model_info(self, timeout_s: float | None = None) -> ModelInfo:
-        """The version this client's requests get (name, version, latent_dim, image shape, provider, manifest),
-        and every version the server knows of."""
+        """The version this client's requests get (name, model_version, latent_dim, image shape, provider,
+        manifest), and every version the server knows of."""
         reply = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s)
         versions = tuple(
             VersionStatus(row.version, pb.VersionState.Name(row.state), tuple(row.labels), row.is_default, row.error)

@@ -83,12 +83,23 @@ class EngineObserver(BatchObserver, Protocol):
 
     def inputs_encoded(self, latent_norms: np.ndarray) -> None: ...
 
-    def inputs_scored(self, negative_elbo: np.ndarray) -> None: ...
+    def inputs_scored(self, plugin_negative_elbo: np.ndarray) -> None: ...
 
 
 DEFAULT_TRAVERSE_RANGE = (-3.0, 3.0)
 DEFAULT_TRAVERSE_STEPS = 9
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _PosteriorPass:
+    """What Score and Reconstruct share: the scores, and the decoder's outputs they were computed from."""
+
+    result: scores.ImageScores
+    mu: np.ndarray  # [N, D]
+    draws: np.ndarray  # [S, N, D], the posterior draws
+    at_mean: np.ndarray  # [N, 1, 28, 28], decoded at mu
+    at_draws: np.ndarray  # [S, N, 1, 28, 28], decoded at the draws
 
 
 def to_output_dtype(images: np.ndarray, output_dtype: OutputDType) -> np.ndarray:
@@ -157,33 +168,20 @@ class VaeEngine:
             log.debug("encode inputs not scored: %s", exc)
             return
         if self.observer is not None:
-            self.observer.inputs_scored(await _off_loop(scores.negative_elbo_nats, images, mu, log_var, decoded))
+            plugin = await _off_loop(scores.plugin_negative_elbo_nats, images, mu, log_var, decoded)
+            self.observer.inputs_scored(plugin)
 
     async def score(
         self, images: np.ndarray, importance_samples: int = 0, seed: int | None = None, deadline: float | None = None
     ) -> scores.ImageScores:
-        """Images [N,1,28,28] → their scores; with K importance samples also the K-sample bound (seeded: the
-        same request gives the same numbers). One encoder pass, and one decoder pass of N·(1 + K) rows."""
+        """Images [N,1,28,28] → their scores (`contract.scores`), estimated from S = max(K, 1) seeded posterior
+        draws per image (the same request gives the same numbers); with K importance samples also the K-sample
+        bound. One encoder pass, and one decoder pass of N·(1 + S) rows: the posterior means and the draws."""
         limit = self.limits.max_items_per_request
         images = check_images(images, self.image_shape, limit)
-        count = images.shape[0]
-        k = check_importance_samples(importance_samples, count, self.limits.max_importance_samples, limit)
-        mu, log_var = await self.encoder.run(images, deadline)
-        rows, eps = mu, None
-        if k:
-            # Image i's draws are rows i·K .. i·K + K - 1 of the seed's sequence.
-            eps = normal_rows(seed or 0, 0, count * k, self.latent_dim).reshape(count, k, -1).transpose(1, 0, 2)
-            z = mu + np.exp(np.float32(0.5) * log_var) * eps  # [K, N, D]
-            rows = np.concatenate([mu, z.reshape(k * count, self.latent_dim)])
-        (decoded,) = await self.decoder.run(rows, deadline)
-        at_mean = decoded[:count]
-        iwae = None
-        if eps is not None:
-            sampled = decoded[count:].reshape(k, count, *self.image_shape)
-            iwae = await _off_loop(scores.iwae_nats, images, mu, log_var, eps, sampled)
-        result = await _off_loop(scores.score, images, mu, log_var, at_mean, iwae)
-        self._observe(result)
-        return result
+        k = check_importance_samples(importance_samples, images.shape[0], self.limits.max_importance_samples, limit)
+        scored = await self._posterior_pass(images, max(k, 1), seed, deadline, with_iwae=k > 0)
+        return scored.result
 
     async def reconstruct(
         self,
@@ -193,33 +191,36 @@ class VaeEngine:
         output_dtype: OutputDType = "float32",
         deadline: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, scores.ImageScores]:
-        """Images → (reconstructions, the latents decoded [N, D], scores at those latents).
+        """Images → (reconstructions, the latents decoded [N, D], the images' scores).
 
         The latents are the posterior means, or with `sample_posterior` one draw z ~ q(z|x) per image (image i
-        uses row i of the seed's sequence). One encoder and one decoder pass.
+        uses row i of the seed's sequence). The scores are Score's with K = 0 and the same seed, from the same
+        decoder pass: one encoder pass and one decoder pass of 2·N rows.
         """
         images = check_images(images, self.image_shape, self.limits.max_items_per_request)
+        scored = await self._posterior_pass(images, 1, seed, deadline, with_iwae=False)
+        if sample_posterior:
+            return to_output_dtype(scored.at_draws[0], output_dtype), scored.draws[0], scored.result
+        return to_output_dtype(scored.at_mean, output_dtype), scored.mu, scored.result
+
+    async def _posterior_pass(
+        self, images: np.ndarray, draws: int, seed: int | None, deadline: float | None, with_iwae: bool
+    ) -> _PosteriorPass:
+        """Encode checked images, decode their means and `draws` seeded posterior draws each, and score them.
+
+        Image i's draws are rows i·S .. i·S + S − 1 of the seed's sequence (S = `draws`).
+        """
+        count = images.shape[0]
         mu, log_var = await self.encoder.run(images, deadline)
-        latents = mu
-        if sample_posterior:
-            eps = normal_rows(seed or 0, 0, images.shape[0], self.latent_dim)
-            latents = mu + np.exp(np.float32(0.5) * log_var) * eps
-        (decoded,) = await self.decoder.run(latents, deadline)
-        result = await _off_loop(scores.score, images, mu, log_var, decoded)
-        if sample_posterior:
-            self._observe_norms(result)
-        else:
-            self._observe(result)
-        return to_output_dtype(decoded, output_dtype), latents, result
-
-    def _observe(self, result: scores.ImageScores) -> None:
-        self._observe_norms(result)
-        if self.observer is not None:
-            self.observer.inputs_scored(result.negative_elbo)
-
-    def _observe_norms(self, result: scores.ImageScores) -> None:
+        eps = normal_rows(seed or 0, 0, count * draws, self.latent_dim).reshape(count, draws, -1).transpose(1, 0, 2)
+        z = mu + np.exp(np.float32(0.5) * log_var) * eps  # [S, N, D]
+        (decoded,) = await self.decoder.run(np.concatenate([mu, z.reshape(draws * count, self.latent_dim)]), deadline)
+        at_mean, at_draws = decoded[:count], decoded[count:].reshape(draws, count, *self.image_shape)
+        result = await _off_loop(scores.score, images, mu, log_var, eps, at_draws, at_mean, with_iwae)
         if self.observer is not None:
             self.observer.inputs_encoded(result.latent_norm)
+            self.observer.inputs_scored(result.plugin_negative_elbo)
+        return _PosteriorPass(result, mu, z, at_mean, at_draws)
 
     async def traverse(
         self,

@@ -71,12 +71,19 @@ def image_scores_to_proto(scores: ImageScores) -> list[pb.ImageScore]:
         scores.complexity.tolist(),
         scores.corrected.tolist(),
         scores.latent_norm.tolist(),
+        scores.plugin_negative_elbo.tolist(),
     ]
     messages = [
         pb.ImageScore(
-            negative_elbo=nelbo, reconstruction=rec, kl=kl, complexity=complexity, corrected=corrected, latent_norm=norm
+            negative_elbo=nelbo,
+            reconstruction=rec,
+            kl=kl,
+            complexity=complexity,
+            corrected=corrected,
+            latent_norm=norm,
+            plugin_negative_elbo=plugin,
         )
-        for nelbo, rec, kl, complexity, corrected, norm in zip(*columns, strict=True)
+        for nelbo, rec, kl, complexity, corrected, norm, plugin in zip(*columns, strict=True)
     ]
     if scores.iwae is not None:
         for message, iwae in zip(messages, scores.iwae.tolist(), strict=True):

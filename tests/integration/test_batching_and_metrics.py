@@ -38,7 +38,7 @@ def test_concurrent_requests_share_one_onnxruntime_run(patient_server: ServerThr
     runs, rows = decoder_runs(patient_server)
     latents = np.random.default_rng(0).standard_normal((8, 20)).astype(np.float32)
     with VaeClient(patient_server.target) as client, ThreadPoolExecutor(8) as pool:
-        images = list(pool.map(lambda i: client.decode(latents[i : i + 1]), range(8)))
+        images = list(pool.map(lambda i: client.decode(latents[i : i + 1]).images, range(8)))
     assert decoder_runs(patient_server) == (runs + 1, rows + 8)  # eight 1-row requests, one run of 8 rows
     expected = DirectGraphs(exported_repository).decode(latents)
     np.testing.assert_allclose(np.concatenate(images), expected, atol=1e-5)  # each got its own row back
@@ -54,7 +54,7 @@ def test_queue_overflow_gets_resource_exhausted_and_health_stays_serving(patient
         assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue holds 7 rows and takes at most 16" in raised.value.details
         assert client.health() == "SERVING"
-        assert waiting.result(timeout=10).shape == (7, 1, 28, 28)  # the queued request still completes
+        assert waiting.result(timeout=10).images.shape == (7, 1, 28, 28)  # the queued request still completes
     assert decoder_runs(patient_server)[0] == runs + 1
     assert patient_server.metric("vae_requests_total", method="Decode", code="RESOURCE_EXHAUSTED") >= 1
 
@@ -119,7 +119,8 @@ def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_re
     assert value("vae_input_score_nats_count", version="1") == 5 + 4 + 3
     assert value("vae_latent_norm_count", version="1") == 5 + 4 + 3
     score_sum = value("vae_input_score_nats_sum", version="1")
-    assert score_sum > float(scored.negative_elbo.sum()) > 0  # the gray images' scores are part of the sum
+    # the histogram holds the plug-in score; the gray images' are part of the sum
+    assert score_sum > float(scored.plugin_negative_elbo.sum()) > 0
     baseline = json.loads((exported_repository / "1" / "model.json").read_text())["baseline"]["score_quantiles"]
     for quantile, nats in baseline.items():
         assert value("vae_model_score_baseline_nats", version="1", quantile=quantile) == pytest.approx(nats)
@@ -134,7 +135,7 @@ def test_concurrent_clients_all_get_their_own_answers(vae_server: ServerThread, 
 
     def call(index: int, client: VaeClient) -> None:
         try:
-            image = client.decode(latents[index : index + 1])
+            image = client.decode(latents[index : index + 1]).images
             np.testing.assert_allclose(image, graphs.decode(latents[index : index + 1]), atol=1e-5)
         except BaseException as error:
             errors.append(error)

@@ -33,36 +33,11 @@ def test_a_failed_version_is_logged_once_counted_and_retried_only_when_its_files
         server.refresh()
         server.refresh()
         assert server.metric("vae_model_loads_total", result="failed") == 1  # not retried: nothing changed
-        client.sample(1)
-        assert client.last_model_version == 1 and client.health() == "SERVING"
+        assert client.sample(1).model_version == 1 and client.health() == "SERVING"
         shutil.copy2(model_dir / "1" / "decoder.onnx", bad / "decoder.onnx")  # repaired in place
         server.refresh()
-        client.sample(1)
-        assert client.last_model_version == 2
+        assert client.sample(1).model_version == 2
         assert server.metric("vae_model_loads_total", result="loaded") == 2
-
-
-def test_sighup_looks_at_the_directory_at_once(model_dir: Path) -> None:
-    with ServerProcess.vae_server(f"--model-dir={model_dir}", "--poll-seconds=0") as server:
-        with VaeClient(server.target) as client:
-            publish_copy(model_dir, 2)
-            client.sample(1)
-            assert client.last_model_version == 1  # no polling: nothing happens by itself
-            server.process.send_signal(signal.SIGHUP)
-
-            def answered_by_2() -> bool:
-                client.sample(1)
-                return client.last_model_version == 2
-
-            wait_until(answered_by_2, timeout_s=20, what="version 2 after SIGHUP")
-        assert server.stop() == 0
-    events = [event for event in server.events() if event["event"] in ("model_loaded", "model_unloaded")]
-    assert [(event["event"], event["version"]) for event in events] == [
-        ("model_loaded", 1),
-        ("model_loaded", 2),
-        ("model_unloaded", 1),
-        ("model_unloaded", 2),  # at shutdown
-    ]
 
 
 def test_requests_name_a_version_or_a_label_and_unknown_ones_get_not_found(model_dir: Path) -> None:
@@ -73,12 +48,10 @@ def test_requests_name_a_version_or_a_label_and_unknown_ones_get_not_found(model
         running_server(model_dir, default_version="stable", poll_seconds=0) as server,
         VaeClient(server.target) as client,
     ):
-        client.sample(1)
-        assert client.last_model_version == 1  # the default route is the label `stable`
+        assert client.sample(1).model_version == 1  # the default route is the label `stable`
         for view, expected in ((client.using(label="canary"), 2), (client.using(model_version=1), 1)):
-            view.decode(np.zeros((1, 20), np.float32))
-            assert view.last_model_version == expected
-            assert view.model_info().version == expected
+            assert view.decode(np.zeros((1, 20), np.float32)).model_version == expected
+            assert view.model_info().model_version == expected
         for view, message in (
             (client.using(label="beta"), "label 'beta' names no version; served versions: 1 (stable), 2 (canary)"),
             (client.using(model_version=9), "model version 9 is not served; served versions: 1 (stable), 2 (canary)"),
@@ -101,12 +74,10 @@ def test_moving_a_label_moves_its_traffic_on_the_next_look(model_dir: Path) -> N
     publish_copy(model_dir, 2)
     set_label(model_dir, "stable", 1)
     with running_server(model_dir, poll_seconds=0, default_version="stable") as server, VaeClient(server.target) as vae:
-        vae.sample(1)
-        assert vae.last_model_version == 1
+        assert vae.sample(1).model_version == 1
         assert set_label(model_dir, "stable", 2) == "vae-mnist: stable -> version 2 (was 1)"
         server.refresh()
-        vae.sample(1)
-        assert vae.last_model_version == 2
+        assert vae.sample(1).model_version == 2
         assert [row.version for row in vae.model_info().versions] == [2]  # version 1: no label, not latest
     assert read_labels(model_dir) == {"stable": 2}
 
@@ -126,8 +97,7 @@ def test_the_version_policy_chooses_what_is_served_and_the_last_version_is_never
             shutil.rmtree(model_dir / str(version))
         server.refresh()  # nothing left on disk: the server keeps what it serves
         assert [row.version for row in vae.model_info().versions] == [2, 1]
-        vae.sample(1)
-        assert vae.last_model_version == 2 and vae.health() == "SERVING"
+        assert vae.sample(1).model_version == 2 and vae.health() == "SERVING"
 
 
 @pytest.fixture
@@ -142,15 +112,15 @@ def test_a_request_queued_on_the_old_version_finishes_on_it(patient_server: Serv
     latents = np.random.default_rng(0).standard_normal((1, 20)).astype(np.float32)
     with VaeClient(patient_server.target) as client:
         with ThreadPoolExecutor(1) as pool:
-            queued = pool.submit(lambda: (client.decode(latents), client.last_model_version))  # per thread
+            queued = pool.submit(client.decode, latents)
             wait_until(lambda: patient_server.metric("vae_queue_depth", version="1") == 1, what="the request queued")
             publish_copy(model_dir, 2)
             patient_server.refresh()  # version 2 takes new requests; version 1 is unloading
             states = {row.version: row.state for row in client.model_info().versions}
             assert states == {2: "AVAILABLE", 1: "UNLOADING"}
-            images, answered_by = queued.result(timeout=30)
-            assert answered_by == 1
-            np.testing.assert_allclose(images, DirectGraphs(model_dir, 1).decode(latents), atol=1e-5)
+            decoded = queued.result(timeout=30)
+            assert decoded.model_version == 1
+            np.testing.assert_allclose(decoded.images, DirectGraphs(model_dir, 1).decode(latents), atol=1e-5)
         wait_until(lambda: [row.version for row in client.model_info().versions] == [2], what="version 1 unloaded")
         assert patient_server.metric("vae_model_info", version="1") == 0  # its series are gone
 

@@ -1,4 +1,5 @@
-"""What only a latent-variable model answers: Score, Reconstruct, Traverse, and addressable Sample rows.
+"""What only a latent-variable model answers: Reconstruct, Traverse, and addressable Sample rows (Score has
+tests/integration/test_scores.py).
 
 Every figure is checked against its definition computed here from the exported graphs run directly
 (`DirectGraphs`) and torch's own loss functions, not against the server's code.
@@ -7,7 +8,6 @@ Every figure is checked against its definition computed here from the exported g
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +22,6 @@ from tests.helpers import (
     DirectGraphs,
     ServerThread,
     bce_nats,
-    kl_per_dim_nats,
     mnist_5k_images,
     running_server,
     wait_until,
@@ -45,94 +44,34 @@ def digits(count: int) -> np.ndarray:
 
 
 def test_row_k_of_a_seeded_sample_is_sample_one_at_offset_k(vae_client: VaeClient) -> None:
-    images, latents = vae_client.sample(40, seed=11)
+    drawn = vae_client.sample(40, seed=11)
     for k in (0, 1, 19, 39):
-        one_image, one_latent = vae_client.sample(1, seed=11, offset=k)
-        np.testing.assert_array_equal(one_latent[0], latents[k])
-        np.testing.assert_array_equal(one_image[0], images[k])
-    middle_images, middle = vae_client.sample(10, seed=11, offset=15)
-    np.testing.assert_array_equal(middle, latents[15:25])
-    np.testing.assert_array_equal(middle_images, images[15:25])
-    np.testing.assert_array_equal(latents, normal_rows(11, 0, 40, LATENT_DIM))  # the documented generator
+        one = vae_client.sample(1, seed=11, offset=k)
+        assert one.offset == k
+        np.testing.assert_array_equal(one.latents[0], drawn.latents[k])
+        np.testing.assert_array_equal(one.images[0], drawn.images[k])
+    middle = vae_client.sample(10, seed=11, offset=15)
+    np.testing.assert_array_equal(middle.latents, drawn.latents[15:25])
+    np.testing.assert_array_equal(middle.images, drawn.images[15:25])
+    np.testing.assert_array_equal(drawn.latents, normal_rows(11, 0, 40, LATENT_DIM))  # the documented generator
 
 
 def test_a_stream_agrees_with_sample_and_resumes_from_any_row(vae_client: VaeClient) -> None:
-    whole = np.concatenate([latents for _, latents in vae_client.sample_stream(150, seed=5)])
-    _, first = vae_client.sample(150, seed=5)
-    np.testing.assert_array_equal(whole, first)
-    resumed = np.concatenate([latents for _, latents in vae_client.sample_stream(80, seed=5, offset=70)])
+    whole = np.concatenate([chunk.latents for chunk in vae_client.sample_stream(150, seed=5)])
+    np.testing.assert_array_equal(whole, vae_client.sample(150, seed=5).latents)
+    resumed = np.concatenate([chunk.latents for chunk in vae_client.sample_stream(80, seed=5, offset=70)])
     np.testing.assert_array_equal(resumed, whole[70:])
-    _, far = vae_client.sample(2, seed=5, offset=10**15)  # any row, without generating the ones before it
+    far = vae_client.sample(2, seed=5, offset=10**15).latents  # any row, without generating the ones before it
     np.testing.assert_array_equal(far, normal_rows(5, 10**15, 2, LATENT_DIM))
 
 
 def test_an_unseeded_sample_reports_the_seed_that_regenerates_it(vae_client: VaeClient) -> None:
-    images, latents = vae_client.sample(3)
-    seed = vae_client.last_sample_seed
-    assert seed is not None
-    again, same = vae_client.sample(3, seed=seed)
-    np.testing.assert_array_equal(same, latents)
-    np.testing.assert_array_equal(again, images)
-    vae_client.sample(3)
-    assert vae_client.last_sample_seed != seed
-
-
-# ---- Score ------------------------------------------------------------------------------------------------
-
-
-def test_score_is_the_negative_elbo_at_the_posterior_mean_and_the_corrected_score(
-    vae_client: VaeClient, graphs: DirectGraphs
-) -> None:
-    images = digits(6)
-    scores = vae_client.score(images)
-    mu, log_var = graphs.encode(images)
-    reconstruction = bce_nats(images, graphs.decode(mu))
-    np.testing.assert_allclose(scores.reconstruction, reconstruction, rtol=1e-5)
-    np.testing.assert_allclose(scores.kl, kl_per_dim_nats(mu, log_var).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(scores.negative_elbo, reconstruction + kl_per_dim_nats(mu, log_var).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(scores.corrected, scores.negative_elbo - scores.complexity)
-    np.testing.assert_allclose(scores.latent_norm, np.linalg.norm(mu, axis=1), rtol=1e-5)
-    assert scores.iwae is None
-    # uint8 images are the same images: the same scores
-    as_uint8 = vae_client.score(np.rint(images * 255).astype(np.uint8))
-    np.testing.assert_allclose(as_uint8.negative_elbo, scores.negative_elbo, rtol=1e-4)
-
-
-def test_complexity_is_the_deflate_length_of_the_image_in_nats(vae_client: VaeClient) -> None:
-    blank = np.zeros((1, 1, 28, 28), np.float32)
-    noise = np.random.default_rng(0).random((1, 1, 28, 28)).astype(np.float32)
-    complexity = vae_client.score(np.concatenate([blank, digits(1), noise])).complexity
-    assert complexity[0] < complexity[1] < complexity[2]
-    assert complexity[2] > 784 * 8 * math.log(2)  # random bytes do not compress
-    assert complexity[0] < 50 * 8 * math.log(2)  # a blank image is a few dozen bytes
-
-
-def test_importance_weighted_bound_follows_its_definition_and_the_seed(
-    vae_client: VaeClient, graphs: DirectGraphs
-) -> None:
-    images, k = digits(3), 16
-    scores = vae_client.score(images, importance_samples=k, seed=9)
-    assert scores.iwae is not None
-    mu, log_var = graphs.encode(images)
-    eps = normal_rows(9, 0, 3 * k, LATENT_DIM).reshape(3, k, LATENT_DIM)  # image i: rows i*K .. i*K + K - 1
-    for i in range(3):
-        z = mu[i] + np.exp(0.5 * log_var[i]) * eps[i]
-        log_px_z = -bce_nats(np.repeat(images[i : i + 1], k, axis=0), graphs.decode(z))
-        log_pz = -0.5 * (z.astype(np.float64) ** 2 + math.log(2 * math.pi)).sum(1)
-        log_qz = -0.5 * (eps[i].astype(np.float64) ** 2 + math.log(2 * math.pi) + log_var[i]).sum(1)
-        weights = log_px_z + log_pz - log_qz
-        expected = -(np.logaddexp.reduce(weights) - math.log(k))
-        assert scores.iwae[i] == pytest.approx(expected, rel=1e-5)
-        assert scores.iwae[i] <= -weights.mean() + 1e-9  # Jensen: never looser than the same samples' ELBO
-    again = vae_client.score(images, importance_samples=k, seed=9).iwae
-    other = vae_client.score(images, importance_samples=k, seed=10).iwae
-    np.testing.assert_array_equal(again, scores.iwae)
-    assert other is not None and not np.array_equal(other, scores.iwae)
-
-
-def test_digits_score_better_than_noise_under_a_digit_model(vae_client: VaeClient) -> None:
-    noise = np.random.default_rng(1).random((8, 1, 28, 28)).astype(np.float32)
-    assert vae_client.score(digits(8)).negative_elbo.max() < vae_client.score(noise).negative_elbo.min()
+    drawn = vae_client.sample(3)
+    again = vae_client.sample(3, seed=drawn.seed)
+    assert again.seed == drawn.seed
+    np.testing.assert_array_equal(again.latents, drawn.latents)
+    np.testing.assert_array_equal(again.images, drawn.images)
+    assert vae_client.sample(3).seed != drawn.seed
 
 
 # ---- Reconstruct ------------------------------------------------------------------------------------------
@@ -142,23 +81,28 @@ def test_reconstruct_decodes_the_posterior_mean_with_score_s_scores(
     vae_client: VaeClient, graphs: DirectGraphs
 ) -> None:
     images = digits(5)
-    reconstructions, latents, scores = vae_client.reconstruct(images)
+    result = vae_client.reconstruct(images)
+    reconstructions, latents, scores = result.images, result.latents, result.scores
     mu, _ = graphs.encode(images)
     np.testing.assert_allclose(latents, mu, atol=1e-5)
     np.testing.assert_allclose(reconstructions, graphs.decode(mu), atol=1e-5)
-    np.testing.assert_allclose(scores.negative_elbo, vae_client.score(images).negative_elbo)
-    as_uint8, _, _ = vae_client.reconstruct(images, output_dtype="uint8")
+    scored = vae_client.score(images)  # K = 0, seed 0: the same posterior draw
+    np.testing.assert_array_equal(scores.negative_elbo, scored.negative_elbo)
+    np.testing.assert_array_equal(scores.plugin_negative_elbo, scored.plugin_negative_elbo)
+    as_uint8 = vae_client.reconstruct(images, output_dtype="uint8").images
     assert as_uint8.dtype == np.uint8 and np.abs(as_uint8 / 255.0 - reconstructions).max() <= 0.5 / 255 + 1e-6
 
 
 def test_reconstruct_with_a_posterior_sample_is_seeded(vae_client: VaeClient, graphs: DirectGraphs) -> None:
     images = digits(4)
-    _, latents, scores = vae_client.reconstruct(images, sample_posterior=True, seed=3)
+    result = vae_client.reconstruct(images, sample_posterior=True, seed=3)
+    latents, scores = result.latents, result.scores
     mu, log_var = graphs.encode(images)
     np.testing.assert_allclose(latents, mu + np.exp(0.5 * log_var) * normal_rows(3, 0, 4, LATENT_DIM), atol=1e-5)
     np.testing.assert_allclose(scores.reconstruction, bce_nats(images, graphs.decode(latents)), rtol=1e-5)
-    _, same, _ = vae_client.reconstruct(images, sample_posterior=True, seed=3)
-    _, other, _ = vae_client.reconstruct(images, sample_posterior=True, seed=4)
+    np.testing.assert_array_equal(scores.negative_elbo, vae_client.score(images, seed=3).negative_elbo)
+    same = vae_client.reconstruct(images, sample_posterior=True, seed=3).latents
+    other = vae_client.reconstruct(images, sample_posterior=True, seed=4).latents
     np.testing.assert_array_equal(same, latents)
     assert not np.array_equal(other, latents)
 

@@ -137,8 +137,12 @@ def test_node_score_of_uint8_images_equals_the_python_stubs(
         assert got == {field: getattr(want, field) for field in SCORE_FIELDS}  # float64 exactly, through JSON
 
     without_iwae = node_client.json("score", str(tmp_path / "digits.npy"))["scores"]
+    request.importance_samples = 0
+    request.ClearField("seed")
+    one_draw = stub.Score(request, timeout=30)
     assert [score["iwae"] for score in without_iwae] == [None] * 3
-    assert [score["negative_elbo"] for score in without_iwae] == [score.negative_elbo for score in expected.scores]
+    assert [score["negative_elbo"] for score in without_iwae] == [score.negative_elbo for score in one_draw.scores]
+    assert [s["plugin_negative_elbo"] for s in without_iwae] == [s.plugin_negative_elbo for s in expected.scores]
 
 
 def test_node_client_reports_the_status_code_of_a_bad_request(node_client: NodeClient) -> None:

@@ -34,26 +34,26 @@ def digits(count: int, seed: int = 0) -> np.ndarray:
 
 def test_encode_equals_the_encoder_graph(vae_client: VaeClient, graphs: DirectGraphs) -> None:
     images = digits(5)
-    mu, log_var = vae_client.encode(images)
+    posterior = vae_client.encode(images)
     expected_mu, expected_log_var = graphs.encode(images)
-    assert mu.shape == (5, 20) and mu.dtype == np.float32
-    np.testing.assert_allclose(mu, expected_mu, atol=TOLERANCE)
-    np.testing.assert_allclose(log_var, expected_log_var, atol=TOLERANCE)
+    assert posterior.mu.shape == (5, 20) and posterior.mu.dtype == np.float32
+    np.testing.assert_allclose(posterior.mu, expected_mu, atol=TOLERANCE)
+    np.testing.assert_allclose(posterior.log_var, expected_log_var, atol=TOLERANCE)
 
 
 def test_encode_takes_uint8_images_as_x_over_255(vae_client: VaeClient, graphs: DirectGraphs) -> None:
     pixels = (digits(3) * 255).astype(np.uint8)
-    mu, _ = vae_client.encode(pixels)
+    mu = vae_client.encode(pixels).mu
     np.testing.assert_allclose(mu, graphs.encode(pixels.astype(np.float32) / 255.0)[0], atol=TOLERANCE)
 
 
 def test_decode_equals_the_decoder_graph_and_uint8_is_rounded(vae_client: VaeClient, graphs: DirectGraphs) -> None:
     latents = np.random.default_rng(1).standard_normal((7, 20)).astype(np.float32)
-    images = vae_client.decode(latents)
+    images = vae_client.decode(latents).images
     expected = graphs.decode(latents)
     assert images.shape == (7, 1, 28, 28) and images.dtype == np.float32
     np.testing.assert_allclose(images, expected, atol=TOLERANCE)
-    pixels = vae_client.decode(latents, output_dtype="uint8")
+    pixels = vae_client.decode(latents, output_dtype="uint8").images
     assert pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - np.rint(expected * 255)).max() <= 1  # rounding at exact .5 may differ
 
@@ -63,37 +63,34 @@ def test_large_requests_run_in_chunks_with_the_same_results(
 ) -> None:
     runs, rows = (vae_server.metric(f"vae_batch_rows_{kind}", graph="decoder") for kind in ("count", "sum"))
     latents = np.random.default_rng(2).standard_normal((150, 20)).astype(np.float32)
-    np.testing.assert_allclose(vae_client.decode(latents), graphs.decode(latents), atol=TOLERANCE)
+    np.testing.assert_allclose(vae_client.decode(latents).images, graphs.decode(latents), atol=TOLERANCE)
     assert vae_server.metric("vae_batch_rows_count", graph="decoder") - runs == 3  # 64 + 64 + 22
     assert vae_server.metric("vae_batch_rows_sum", graph="decoder") - rows == 150
 
 
 def test_sample_same_seed_same_images(vae_client: VaeClient, graphs: DirectGraphs) -> None:
-    images, latents = vae_client.sample(6, seed=42)
-    again, same_latents = vae_client.sample(6, seed=42)
-    np.testing.assert_array_equal(images, again)
-    np.testing.assert_array_equal(latents, same_latents)
-    np.testing.assert_array_equal(latents, normal_rows(42, 0, 6, 20))  # serving.dataplane.draws' generator
-    np.testing.assert_allclose(images, graphs.decode(latents), atol=TOLERANCE)
-    other, _ = vae_client.sample(6, seed=43)
-    assert not np.array_equal(images, other)
+    drawn, again = vae_client.sample(6, seed=42), vae_client.sample(6, seed=42)
+    np.testing.assert_array_equal(drawn.images, again.images)
+    np.testing.assert_array_equal(drawn.latents, again.latents)
+    np.testing.assert_array_equal(drawn.latents, normal_rows(42, 0, 6, 20))  # serving.dataplane.draws' generator
+    np.testing.assert_allclose(drawn.images, graphs.decode(drawn.latents), atol=TOLERANCE)
+    assert not np.array_equal(drawn.images, vae_client.sample(6, seed=43).images)
 
 
 def test_sample_without_seed_differs_and_temperature_scales_the_prior(vae_client: VaeClient) -> None:
-    _, first = vae_client.sample(4)
-    _, second = vae_client.sample(4)
+    first, second = vae_client.sample(4).latents, vae_client.sample(4).latents
     assert not np.array_equal(first, second)
-    _, unit = vae_client.sample(4, seed=7)
-    _, hot = vae_client.sample(4, seed=7, temperature=2.0)
+    unit = vae_client.sample(4, seed=7).latents
+    hot = vae_client.sample(4, seed=7, temperature=2.0).latents
     np.testing.assert_allclose(hot, unit * 2.0, rtol=1e-6)
 
 
 def test_sample_stream_yields_the_same_samples_in_chunks(vae_client: VaeClient) -> None:
     chunks = list(vae_client.sample_stream(150, seed=3))
-    assert [len(images) for images, _ in chunks] == [64, 64, 22]
-    images, latents = vae_client.sample(150, seed=3)
-    np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), latents)
-    np.testing.assert_allclose(np.concatenate([c[0] for c in chunks]), images, atol=TOLERANCE)
+    assert [len(chunk.images) for chunk in chunks] == [64, 64, 22]
+    whole = vae_client.sample(150, seed=3)
+    np.testing.assert_array_equal(np.concatenate([chunk.latents for chunk in chunks]), whole.latents)
+    np.testing.assert_allclose(np.concatenate([chunk.images for chunk in chunks]), whole.images, atol=TOLERANCE)
 
 
 def test_sample_stream_stops_when_the_client_goes_away(vae_server: ServerThread, vae_client: VaeClient) -> None:
@@ -111,7 +108,8 @@ def test_sample_stream_stops_when_the_client_goes_away(vae_server: ServerThread,
 def test_interpolate_latents_decodes_the_path(vae_client: VaeClient, graphs: DirectGraphs, method: str) -> None:
     rng = np.random.default_rng(4)
     start, end = rng.standard_normal((2, 3, 20)).astype(np.float32)
-    images, path = vae_client.interpolate(start, end, steps=5, method=method)
+    result = vae_client.interpolate(start, end, steps=5, method=method)
+    images, path = result.images, result.latents
     assert images.shape == (3, 5, 1, 28, 28) and path.shape == (3, 5, 20)
     np.testing.assert_allclose(path, interpolate(start, end, 5, method), atol=TOLERANCE)
     np.testing.assert_allclose(images.reshape(15, 1, 28, 28), graphs.decode(path.reshape(15, 20)), atol=TOLERANCE)
@@ -121,7 +119,7 @@ def test_slerp_between_opposite_or_parallel_latents_stays_on_the_line(vae_client
     """sin(omega) ~ 0 at both ends of the angle range: no great circle is defined, the path is the chord."""
     start = np.array([[1.0, 2.0, 3.0] + [0.0] * 17, [1.0, 2.0, 3.0] + [0.0] * 17], np.float32)
     end = np.stack([-start[0], 2 * start[1]])  # opposite, and parallel
-    _, path = vae_client.interpolate(start, end, steps=5, method="slerp")
+    path = vae_client.interpolate(start, end, steps=5, method="slerp").latents
     a = np.linspace(0, 1, 5)[None, :, None]
     np.testing.assert_allclose(path, (1 - a) * start[:, None] + a * end[:, None], atol=1e-6)
     assert np.isfinite(path).all()
@@ -129,7 +127,8 @@ def test_slerp_between_opposite_or_parallel_latents_stays_on_the_line(vae_client
 
 def test_interpolate_images_walks_between_their_encoder_means(vae_client: VaeClient, graphs: DirectGraphs) -> None:
     start, end = digits(2, seed=5), digits(2, seed=6)
-    images, path = vae_client.interpolate(start, end, steps=4, output_dtype="uint8")
+    result = vae_client.interpolate(start, end, steps=4, output_dtype="uint8")
+    images, path = result.images, result.latents
     np.testing.assert_allclose(path[:, 0], graphs.encode(start)[0], atol=TOLERANCE)
     np.testing.assert_allclose(path[:, -1], graphs.encode(end)[0], atol=TOLERANCE)
     assert images.dtype == np.uint8 and images.shape == (2, 4, 1, 28, 28)
@@ -138,7 +137,7 @@ def test_interpolate_images_walks_between_their_encoder_means(vae_client: VaeCli
 def test_model_info_reports_the_manifest_and_provider(vae_client: VaeClient, exported_repository: Path) -> None:
     info = vae_client.model_info()
     manifest = json.loads((exported_repository / "1" / "model.json").read_text())
-    assert (info.name, info.version, info.latent_dim, info.image_shape) == ("vae-mnist", 1, 20, (1, 28, 28))
+    assert (info.name, info.model_version, info.latent_dim, info.image_shape) == ("vae-mnist", 1, 20, (1, 28, 28))
     assert info.provider == "CPUExecutionProvider"
     assert info.manifest == manifest
 

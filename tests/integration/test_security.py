@@ -53,8 +53,7 @@ def refused_code(target: str, **tls: Path) -> grpc.StatusCode:
 
 def test_tls_serves_a_client_that_trusts_the_servers_ca(tls_server: ServerThread, pki: Pki) -> None:
     with VaeClient(tls_server.target, tls_ca=pki.ca) as client:
-        images, _ = client.sample(2, seed=1)
-        assert images.shape == (2, 1, 28, 28) and client.health() == "SERVING"
+        assert client.sample(2, seed=1).images.shape == (2, 1, 28, 28) and client.health() == "SERVING"
     assert tls_server.config.tls.transport == "tls"
 
 
@@ -208,7 +207,7 @@ def test_rpcs_beyond_the_concurrency_cap_get_resource_exhausted(exported_reposit
             client.decode(latents)
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert all(call.result().images.shape == [1, 1, 28, 28] for call in stub_calls)  # the two admitted finish
-        assert client.decode(latents).shape == (1, 1, 28, 28)
+        assert client.decode(latents).images.shape == (1, 1, 28, 28)
 
 
 def test_the_health_port_answers_while_the_grpc_port_is_at_its_concurrency_cap(exported_repository: Path) -> None:

@@ -161,12 +161,12 @@ def test_the_cpu_image_carries_no_cuda_and_stays_under_400_mb(docker: Docker, cp
 def test_the_container_serves_what_a_local_server_serves(served: Served, exported_repository: Path) -> None:
     with VaeClient(served.process.target, timeout_s=30) as client:
         assert client.health("") == "SERVING"
-        images, latents = client.sample(8, seed=1234)
+        drawn = client.sample(8, seed=1234)
         info = client.model_info()
     with running_server(exported_repository) as local, VaeClient(local.target, timeout_s=30) as client:
-        expected_images, expected_latents = client.sample(8, seed=1234)
-    np.testing.assert_array_equal(latents, expected_latents)
-    np.testing.assert_array_equal(images, expected_images)
+        expected = client.sample(8, seed=1234)
+    np.testing.assert_array_equal(drawn.latents, expected.latents)
+    np.testing.assert_array_equal(drawn.images, expected.images)
     assert info.provider == "CPUExecutionProvider"
     print(f"container: SERVING {served.started_s:.1f} s after docker run, RSS {served.rss_bytes / 2**20:.0f} MiB")
     assert served.rss_bytes < mebibytes(pod()[1]["resources"]["requests"]["memory"]) * 2**20

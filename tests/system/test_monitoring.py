@@ -126,7 +126,8 @@ def traffic(server: ServerThread, prometheus: Prometheus) -> dict[str, int]:
     with VaeClient(server.target, retries=0) as client:
         latent_dim = client.model_info().latent_dim
         for round_ in range(12):
-            images, latents = client.sample(8, seed=round_)
+            drawn = client.sample(8, seed=round_)
+            images, latents = drawn.images, drawn.latents
             client.decode(latents)
             client.encode(images)
             client.interpolate(latents[:2], latents[2:4], steps=5)

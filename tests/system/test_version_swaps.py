@@ -64,7 +64,7 @@ def test_a_version_exported_while_callers_run_takes_over_within_the_poll_interva
         np.testing.assert_allclose(images, graphs[version].decode(latents), atol=1e-5)
     assert not np.allclose(graphs[1].decode(latents), graphs[2].decode(latents), atol=1e-3)  # they differ
     rows = {row.version: row for row in info.versions}
-    assert info.version == 2 and rows[2].state == "AVAILABLE" and rows[2].is_default
+    assert info.model_version == 2 and rows[2].state == "AVAILABLE" and rows[2].is_default
     assert rows[3].state == "FAILED" and "3/decoder.onnx: sha256 mismatch" in rows[3].error
     assert 1 not in rows  # unloaded once version 2 served
 

@@ -60,17 +60,66 @@ def test_complexity_is_the_deflated_length_of_the_png_rows_in_nats() -> None:
     assert scores.complexity_nats(image)[0] == pytest.approx(8 * len(zlib.compress(rows, 9)) * math.log(2))
 
 
-def test_iwae_matches_the_training_code_s_bound_on_the_same_log_weights() -> None:
-    rng = np.random.default_rng(1)
-    k, n, d = 7, 3, 4
+def _posterior_case(seed: int, draws: int, n: int = 3, d: int = 4) -> dict[str, np.ndarray]:
+    """A small posterior and a decoder (sigmoid of a fixed linear map) evaluated at its draws and at its mean."""
+    rng = np.random.default_rng(seed)
     images = (rng.random((n, 1, 2, 2)) > 0.5).astype(np.float32)
-    mu, log_var = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 0.3
-    eps = rng.normal(size=(k, n, d))
-    decoded = rng.uniform(0.05, 0.95, size=(k, n, 1, 2, 2))
+    mu, log_var = rng.normal(size=(n, d)), rng.normal(size=(n, d)) * 0.3 - 1.0
+    weights = rng.normal(size=(d, 4))
+    eps = rng.normal(size=(draws, n, d))
+
+    def decode(z: np.ndarray) -> np.ndarray:
+        return (1.0 / (1.0 + np.exp(-(z @ weights)))).reshape(*z.shape[:-1], 1, 2, 2)
+
     z = mu + np.exp(0.5 * log_var) * eps
-    log_px = -scores.reconstruction_nats(images, decoded)
+    return {"images": images, "mu": mu, "log_var": log_var, "eps": eps, "at_draws": decode(z), "at_mean": decode(mu)}
+
+
+def _score(case: dict[str, np.ndarray], with_iwae: bool = True) -> scores.ImageScores:
+    return scores.score(
+        case["images"], case["mu"], case["log_var"], case["eps"], case["at_draws"], case["at_mean"], with_iwae
+    )
+
+
+def test_iwae_and_the_negative_elbo_match_the_training_code_on_the_same_log_weights() -> None:
+    case = _posterior_case(1, draws=7)
+    z = case["mu"] + np.exp(0.5 * case["log_var"]) * case["eps"]
+    log_px = -scores.reconstruction_nats(case["images"], case["at_draws"])
     log_pz = -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
-    log_q = -0.5 * (eps**2 + math.log(2 * math.pi) + log_var).sum(-1)
-    expected = -iwae_bound(torch.tensor((log_px + log_pz - log_q).T)).numpy()
-    np.testing.assert_allclose(scores.iwae_nats(images, mu, log_var, eps, decoded), expected, rtol=1e-10)
-    assert (scores.iwae_nats(images, mu, log_var, eps, decoded) <= -(log_px + log_pz - log_q).mean(0) + 1e-12).all()
+    log_q = -0.5 * (case["eps"] ** 2 + math.log(2 * math.pi) + case["log_var"]).sum(-1)
+    weights = torch.tensor((log_px + log_pz - log_q).T)  # [N, K] as training.evaluate holds them
+    result = _score(case)
+    assert result.iwae is not None
+    np.testing.assert_allclose(result.iwae, -iwae_bound(weights).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(result.negative_elbo, -weights.mean(1).numpy(), rtol=1e-10)  # iwae_neg_elbo's
+    np.testing.assert_allclose(result.reconstruction, -log_px.mean(0), rtol=1e-10)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 64))
+def test_iwae_is_never_above_the_negative_elbo_of_the_same_draws(seed: int, draws: int) -> None:
+    result = _score(_posterior_case(seed, draws))
+    assert result.iwae is not None
+    assert (result.iwae <= result.negative_elbo + 1e-9).all()
+    if draws == 1:  # one draw: the bound and the estimate are the same number
+        np.testing.assert_allclose(result.iwae, result.negative_elbo, rtol=1e-12)
+
+
+def test_the_negative_elbo_estimates_reconstruction_plus_the_exact_kl() -> None:
+    """Its KL part comes from the draws; over many draws it is the closed form, so the estimate is unbiased."""
+    result = _score(_posterior_case(2, draws=200_000), with_iwae=False)
+    np.testing.assert_allclose(result.negative_elbo, result.reconstruction + result.kl, atol=0.02)
+    assert result.iwae is None
+
+
+def test_the_plugin_takes_the_reconstruction_at_the_mean_and_is_below_the_negative_elbo() -> None:
+    case = _posterior_case(3, draws=4096)
+    result = _score(case)
+    expected = scores.reconstruction_nats(case["images"], case["at_mean"]) + scores.kl_nats(case["mu"], case["log_var"])
+    np.testing.assert_allclose(result.plugin_negative_elbo, expected)
+    np.testing.assert_allclose(
+        scores.plugin_negative_elbo_nats(case["images"], case["mu"], case["log_var"], case["at_mean"]), expected
+    )
+    # This decoder's -log p(x|z) is convex in z (a logistic loss of a linear map): Jensen puts the plug-in below
+    # the negative ELBO it is mistaken for.
+    assert (result.plugin_negative_elbo < result.negative_elbo).all()
+    np.testing.assert_allclose(result.corrected, result.negative_elbo - result.complexity)
