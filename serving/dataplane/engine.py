@@ -21,6 +21,7 @@ import numpy as np
 from contract import scores
 from contract.interpolation import Method, interpolate
 from contract.settings import check_settings, setting
+from serving.dataplane.admission import Slots
 from serving.dataplane.batcher import Batcher, BatchObserver, BatchSettings
 from serving.dataplane.draws import normal_rows
 from serving.dataplane.runtime import GraphSessions
@@ -36,7 +37,7 @@ from serving.dataplane.validation import (
     check_steps,
     check_temperature,
 )
-from serving.errors import Overloaded, ServingError
+from serving.errors import ServingError
 
 OutputDType = Literal["float32", "uint8"]
 T = TypeVar("T")
@@ -52,7 +53,11 @@ class LimitSettings:
     max_interpolation_steps: int = setting(1024, "Interpolate steps, at most", minimum=2, metavar="N")
     max_stream_samples: int = setting(1_000_000, "SampleStream num_samples, at most", minimum=1, metavar="N")
     max_sample_streams: int = setting(
-        64, "SampleStream calls running at once, at most; beyond it RESOURCE_EXHAUSTED", minimum=1, metavar="N"
+        64,
+        "SampleStream calls running at once over the whole server (all versions), at most; beyond it "
+        "RESOURCE_EXHAUSTED",
+        minimum=1,
+        metavar="N",
     )
     max_importance_samples: int = setting(
         1024, "Score importance samples per image (K), at most; images x K also within the items", minimum=1
@@ -120,14 +125,17 @@ class VaeEngine:
         executor: Executor | None = None,
         observer: EngineObserver | None = None,
         telemetry: TelemetrySettings | None = None,
+        stream_slots: Slots | None = None,
     ) -> None:
+        """`stream_slots` counts SampleStream calls over the whole server (the manager shares one among its
+        engines); without it the engine counts its own."""
         self.version = sessions.version
         self.provider = sessions.provider
         self.latent_dim = sessions.version.latent_dim
         self.image_shape = sessions.version.image_shape
         self.limits = limits
         self.policy = policy
-        self.sample_streams = 0  # SampleStream calls running now
+        self.stream_slots = stream_slots or Slots(limits.max_sample_streams, "SampleStream calls")
         self.observer = observer
         self.telemetry = telemetry or TelemetrySettings()
         self.encoder = Batcher("encoder", sessions.encoder.run, policy, executor, observer)
@@ -314,21 +322,13 @@ class VaeEngine:
         """
         check_count(num_samples, self.limits.max_stream_samples, "num_samples")
         scale = check_temperature(temperature)
-        if self.sample_streams >= self.limits.max_sample_streams:
-            raise Overloaded(
-                f"server busy: {self.sample_streams} SampleStream calls are running and this server runs at "
-                f"most {self.limits.max_sample_streams} at once; retry with backoff"
-            )
-        self.sample_streams += 1
-        try:
+        with self.stream_slots.hold():
             seed = secrets.randbits(64) if seed is None else seed
             chunk = min(self.policy.max_batch_size, self.limits.max_items_per_request)
             for start in range(offset, offset + num_samples, chunk):
                 latents = self.prior_latents(seed, start, min(chunk, offset + num_samples - start), scale)
                 (images,) = await self.decoder.run(latents, deadline)
                 yield to_output_dtype(images, output_dtype), latents, seed, start
-        finally:
-            self.sample_streams -= 1
 
     async def interpolate(
         self,

@@ -28,6 +28,7 @@ from typing import Protocol
 from contract.labels import check_label, read_labels
 from contract.repository import ModelRepositoryError, ModelVersion, list_versions, read_version_dir
 from contract.settings import SettingError, check_settings, setting
+from serving.dataplane.admission import Slots
 from serving.dataplane.batcher import BatchSettings
 from serving.dataplane.engine import EngineObserver, LimitSettings, TelemetrySettings, VaeEngine
 from serving.dataplane.runtime import (
@@ -146,6 +147,7 @@ class ModelManager:
         self._labels: dict[str, int] = {}
         self._default: int | None = None
         self._failed: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}  # version → (files, reason)
+        self.stream_slots = Slots(limits.max_sample_streams, "SampleStream calls")  # shared by every version
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._loader_closed = False
         self._refreshing = asyncio.Lock()
@@ -321,8 +323,9 @@ class ModelManager:
                 raise
             return
         self._failed.pop(version, None)
+        observer = self.observer.for_version(version)
         engine = VaeEngine(
-            sessions, self.batching, self.limits, self.executor, self.observer.for_version(version), self.telemetry
+            sessions, self.batching, self.limits, self.executor, observer, self.telemetry, self.stream_slots
         )
         engine.start()
         self._served[version] = _Served(engine)

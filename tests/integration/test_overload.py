@@ -140,6 +140,10 @@ def test_cancelled_and_expired_calls_never_run_and_give_their_slots_back(
     assert server.metric("vae_batch_rows_count", graph="decoder") == runs + 1
 
 
+def _stream_state(server: ServerThread) -> tuple[float, int]:
+    return server.metric("vae_inflight_requests"), server.running.models.stream_slots.in_use
+
+
 STREAMING_CLIENT = """
 import sys, time
 from serving.client import VaeClient
@@ -149,10 +153,6 @@ next(stream); next(stream)
 print("streaming", flush=True)
 time.sleep(60)
 """
-
-
-def _stream_state(server: ServerThread) -> tuple[float, int]:
-    return server.metric("vae_inflight_requests"), server.running.models.engine().sample_streams
 
 
 def test_a_client_killed_mid_stream_leaks_nothing_and_stops_the_work(exported_repository: Path) -> None:

@@ -23,7 +23,7 @@ from serving.client import cli as client_cli
 from serving.errors import StartupError
 from serving.server.app import start_server
 from serving.server.config import load_config
-from tests.helpers import Pki, ServerThread, make_pki, running_server, server_config, wait_until
+from tests.helpers import Pki, ServerThread, make_pki, publish_copy, running_server, server_config, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +191,30 @@ def test_sample_streams_beyond_the_cap_get_resource_exhausted(exported_repositor
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "runs at most 1 at once" in refused.value.details
         first.close()
-        wait_until(lambda: server.running.models.engine().sample_streams == 0, what="the first stream to end")
-        assert sum(len(chunk) for chunk, _ in client.sample_stream(100, seed=2)) == 100  # the slot is free again
+        wait_until(lambda: server.running.models.stream_slots.in_use == 0, what="the first stream to end")
+        assert sum(len(chunk.images) for chunk in client.sample_stream(100, seed=2)) == 100  # the slot is free again
+
+
+def test_the_stream_cap_counts_every_version_served(model_dir: Path) -> None:
+    """With two versions loaded (latest:2, or any swap), the cap is still the server's, not each version's."""
+    publish_copy(model_dir, 2)
+    with (
+        running_server(model_dir, max_sample_streams=2, version_policy="latest:2") as server,
+        VaeClient(server.target) as client,
+    ):
+        on_one, on_two = client.using(model_version=1), client.using(model_version=2)
+        streams = [on_one.sample_stream(10_000, seed=1), on_two.sample_stream(10_000, seed=1)]
+        for stream in streams:
+            next(stream)
+        assert server.running.models.stream_slots.in_use == 2
+        for version in (on_one, on_two):
+            with pytest.raises(VaeError) as refused:
+                next(version.sample_stream(10, seed=2))
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 SampleStream calls are running and this server runs at most 2 at once" in refused.value.details
+        for stream in streams:
+            stream.close()
+        wait_until(lambda: server.running.models.stream_slots.in_use == 0, what="the streams to end")
 
 
 def test_rpcs_beyond_the_concurrency_cap_get_resource_exhausted(exported_repository: Path) -> None:
