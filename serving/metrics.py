@@ -1,10 +1,12 @@
-"""Prometheus metrics (DESIGN.md's names) on their own registry, served over HTTP on their own port.
+"""Prometheus metrics on their own registry, served over HTTP on their own port.
 
-Labels take bounded values only: method (the service's RPCs), code (gRPC status names), graph (encoder,
-decoder), and the model version that served (one per loaded version; "" for requests refused before a
-version took them). A version's series appear when it is loaded and are removed when it is unloaded, so
-swapping versions does not grow the registry. The process and platform collectors of the client library
-are registered too (CPU, memory, file descriptors, GC).
+The names and label sets are a public contract: the dashboard (deploy/grafana/vae-service.json) and the
+alerts (deploy/prometheus/prometheusrule.yaml) use them; a change changes both, with the real-Prometheus
+test (tests/system/test_monitoring.py) passing. Labels take bounded values only: method (the service's
+RPCs), code (gRPC status names), graph (encoder, decoder), and the model version that served (one per loaded
+version; "" for requests refused before a version took them). A version's series appear when it is loaded
+and are removed when it is unloaded, so swapping versions does not grow the registry. The process and
+platform collectors of the client library are registered too (CPU, memory, file descriptors, GC).
 """
 
 from __future__ import annotations

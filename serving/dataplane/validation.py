@@ -14,7 +14,7 @@ from serving.errors import InvalidRequest
 
 MAX_TEMPERATURE = 10.0
 # Latents are draws near N(0, I); far beyond it the decoder's activations overflow float32 and it returns NaN
-# images (found by tests/test_fuzz.py with latents of 3e38). 1e4 standard deviations is far past any use.
+# images (found by tests/integration/test_fuzz.py with latents of 3e38). 1e4 standard deviations is far past any use.
 MAX_ABS_LATENT = 1e4
 
 

@@ -1,4 +1,4 @@
-"""The gRPC contract: generated code is current, names and field numbers are DESIGN.md's, serving has no torch."""
+"""The gRPC contract: generated code is current, names and field numbers never change, serving has no torch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 from serving import codegen
 from serving.api import SERVICE_NAME, pb
 
-# DESIGN.md's contract: message → {field: number}. Adding is allowed; renaming or renumbering is not.
+# The public contract (proto/vae/v1/vae.proto): message → {field: number}. Adding is allowed; renaming or
+# renumbering is not, so these never change.
 CONTRACT = {
     "Tensor": {"shape": 1, "dtype": 2, "data": 3},
     "EncodeRequest": {"images": 1},
@@ -18,6 +19,17 @@ CONTRACT = {
     "SampleResponse": {"images": 1, "latents": 2},
     "InterpolateRequest": {"start": 1, "end": 2, "steps": 3, "method": 4, "output_dtype": 5},
     "InterpolateResponse": {"images": 1, "latents": 2},
+    "ImageScore": {
+        "negative_elbo": 1,
+        "reconstruction": 2,
+        "kl": 3,
+        "complexity": 4,
+        "corrected": 5,
+        "iwae": 6,
+        "latent_norm": 7,
+        "plugin_negative_elbo": 8,
+    },
+    "ScoreRequest": {"images": 1, "importance_samples": 2, "seed": 3, "model_version": 4},
     "GetModelInfoRequest": {},
     "ModelInfo": {"name": 1, "version": 2, "latent_dim": 3, "image_shape": 4, "provider": 5, "manifest_json": 6},
 }
