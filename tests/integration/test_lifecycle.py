@@ -1,132 +1,26 @@
-"""The server as a process (start-up, failures, SIGTERM drain) and the client CLI as users run them."""
+"""Start-up refusals in process (a taken port) and the client CLI as users run it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from serving.client import VaeClient, VaeError
+from serving.client import VaeClient
 from serving.client import cli as client_cli
 from serving.server.app import StartupError, start_server
 from tests.helpers import (
-    DirectGraphs,
-    ServerProcess,
     ServerThread,
     mnist_5k_images,
-    scrape,
     server_config,
-    wait_until,
 )
-
-
-@pytest.fixture
-def server_process(exported_repository: Path) -> Iterator[ServerProcess]:
-    # every batch waits out the delay (fixed wait), so requests stay queued
-    with ServerProcess.vae_server(
-        f"--model-dir={exported_repository}", "--max-delay-ms=2000", "--batch-wait=fixed", "--grace-seconds=10",
-        "--intra-op-threads=1",
-    ) as server:  # fmt: skip
-        yield server
-
-
-def test_sigterm_during_a_burst_loses_no_accepted_request_and_exits_0(
-    server_process: ServerProcess, exported_repository: Path
-) -> None:
-    latents = np.random.default_rng(0).standard_normal((16, 20)).astype(np.float32)
-    stop_looping = threading.Event()
-    loop_codes: list[grpc.StatusCode] = []
-
-    def keep_calling() -> None:  # the rest of the burst: answered, or refused with UNAVAILABLE, nothing else
-        with VaeClient(server_process.target, retries=0, timeout_s=20) as client:
-            while not stop_looping.is_set():
-                try:
-                    client.decode(latents[:1])
-                    loop_codes.append(grpc.StatusCode.OK)
-                except VaeError as error:
-                    loop_codes.append(error.code)
-                    return
-
-    with VaeClient(server_process.target, retries=0, timeout_s=20) as client, ThreadPoolExecutor(20) as pool:
-        loopers = [pool.submit(keep_calling) for _ in range(4)]
-        accepted = [pool.submit(client.decode, latents[i : i + 1]) for i in range(16)]
-        # all 16, and one call of each looper, are queued (a batch waits up to 2 s for 64 rows) when the signal comes
-        wait_until(lambda: _queued_rows(server_process) == 20, what="20 rows queued")
-        server_process.process.send_signal(signal.SIGTERM)
-        wait_until(lambda: _draining(server_process.target), what="health to leave SERVING")
-        with pytest.raises(VaeError) as refused:
-            client.decode(latents[:1])
-        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
-        answers = [future.result(timeout=30) for future in accepted]
-        stop_looping.set()
-        for looper in loopers:
-            looper.result(timeout=30)
-
-    expected = DirectGraphs(exported_repository).decode(latents)
-    np.testing.assert_allclose(np.concatenate(answers), expected, atol=1e-5)
-    assert set(loop_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, loop_codes
-    assert loop_codes.count(grpc.StatusCode.OK) >= 4  # the loopers' queued calls were accepted, so answered
-    assert server_process.wait() == 0
-    events = [event["event"] for event in server_process.events() if event["event"].startswith("server_")]
-    assert events == ["server_started", "server_draining", "server_stopped"]
-
-
-def _queued_rows(server: ServerProcess) -> float:
-    samples = scrape(server.metrics_url)
-    return sum(value for labels, value in samples["vae_queue_depth"] if labels["graph"] == "decoder")
-
-
-def _draining(target: str) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError as error:
-            return error.code() == grpc.StatusCode.UNAVAILABLE
-    return reply.status != health_pb2.HealthCheckResponse.SERVING
-
-
-def test_a_model_that_fails_verification_stops_start_up(exported_repository: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "vae-mnist"
-    shutil.copytree(exported_repository, broken)
-    with (broken / "1" / "decoder.onnx").open("ab") as graph:
-        graph.write(b"tampered")
-    result = subprocess.run(
-        [sys.executable, "-m", "serving.server", "--model-dir", str(broken), "--port", "0", "--metrics-port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "decoder.onnx: sha256 mismatch" in last
-    assert "Traceback" not in result.stderr
-
-
-def test_a_missing_model_directory_stops_start_up(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "serving.server", "--port", "0", "--metrics-port", "0"],
-        env={"VAE_MODEL_DIR": str(tmp_path / "nowhere"), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'}: model directory not found"
 
 
 def test_a_taken_port_stops_start_up(exported_repository: Path) -> None:

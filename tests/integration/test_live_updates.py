@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,6 @@ from serving.client import VaeClient, VaeError
 from serving.lifecycle.admin import set_label
 from tests.helpers import (
     DirectGraphs,
-    ServerProcess,
     ServerThread,
     patient_config,
     publish_copy,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,21 @@ import pytest
 
 from serving.api import pb, pb_grpc
 from serving.api.tensors import fill_tensor, tensor_from_proto
-from tests.helpers import ROOT, Pki, ServerThread, make_pki, running_server
+from tests.helpers import ROOT, Pki, ServerThread, file_lock, make_pki, running_server
 
 EXAMPLE = ROOT / "examples" / "node"
 # sha256 of the package-lock.json that node_modules was installed from: `npm ci` runs again when it differs.
 INSTALLED_LOCK = EXAMPLE / "node_modules" / ".installed-from-lock.sha256"
-SCORE_FIELDS = ("negative_elbo", "reconstruction", "kl", "complexity", "corrected", "iwae", "latent_norm")
+SCORE_FIELDS = (
+    "negative_elbo",
+    "reconstruction",
+    "kl",
+    "complexity",
+    "corrected",
+    "iwae",
+    "latent_norm",
+    "plugin_negative_elbo",
+)
 
 
 class NodeClient:
@@ -58,6 +68,13 @@ def node() -> str:
     if int(version.lstrip("v").split(".")[0]) < 18:
         pytest.fail(f"Node.js 18 or newer is required by examples/node; found {version}")
     lock_digest = hashlib.sha256((EXAMPLE / "package-lock.json").read_bytes()).hexdigest()
+    with file_lock(Path(tempfile.gettempdir()) / "vae-service-npm-ci.lock"):  # one npm ci at a time
+        _install(npm, lock_digest)
+    return node
+
+
+def _install(npm: str, lock_digest: str) -> None:
+    """`npm ci` in examples/node unless what is installed was installed from this lock."""
     if not INSTALLED_LOCK.exists() or INSTALLED_LOCK.read_text() != lock_digest:
         installed = subprocess.run(
             [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
@@ -69,7 +86,6 @@ def node() -> str:
         )
         assert installed.returncode == 0, f"npm ci failed in {EXAMPLE}:\n{installed.stderr}"
         INSTALLED_LOCK.write_text(lock_digest)
-    return node
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_serving_sweep_writes_results_plot_and_summary(exported_repository: Path
     on, off = (rate(mode, 1, 2, "requests_per_s") for mode in ("batching", "no-batching"))
     assert summary["decode_2x1_batching_vs_off"] == round(on / off, 2)
     for mode in modes:
-        assert 0 < report["process"][mode]["startup_to_serving_s"] < 60
+        assert report["process"][mode]["startup_to_serving_s"] > 0  # a figure; ServerProcess bounds a hung start
         assert report["process"][mode]["rss_bytes"] > 10_000_000
     # The server's CPU time over each point, per request; ours beside the minimal server's in the summary.
     for point in points:

@@ -193,8 +193,8 @@ def test_sigterm_drains_to_exit_0_and_every_log_line_is_json(docker: Docker, ser
     start = time.monotonic()
     docker("stop", "--time", str(grace_seconds), CONTAINER, timeout_s=grace_seconds + 30)
     stopped_s = time.monotonic() - start
+    # 0, not 137: the server drained and exited on SIGTERM, before docker's SIGKILL at the end of the grace period
     assert docker("inspect", "--format", "{{.State.ExitCode}}", CONTAINER).strip() == "0"
-    assert stopped_s < grace_seconds
     print(f"container: docker stop → exit 0 in {stopped_s:.1f} s (grace period {grace_seconds} s)")
     logs = subprocess.run(
         docker.command("logs", CONTAINER), env=docker.env, capture_output=True, text=True, timeout=30, check=True

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from serving.client import VaeClient, VaeError
-from tests.helpers import ROOT, ServerThread, running_server, scrape
+from tests.helpers import ROOT, ServerThread, running_server, scrape, wait_until
 
 DEPLOY = ROOT / "deploy"
 RATE_WINDOW = "20s"  # stands in for Grafana's $__rate_interval at a 1 s scrape interval
@@ -50,6 +50,10 @@ class Prometheus:
         query = urllib.parse.urlencode(params)
         with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
             return json.loads(response.read())
+
+    def total(self, expr: str) -> float:
+        """The sum of the values of an instant query's series."""
+        return sum(float(sample["value"][1]) for sample in self.query(expr))
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """Instant query; fails the test on a PromQL error (the expression must parse and evaluate)."""
@@ -139,8 +143,13 @@ def traffic(server: ServerThread, prometheus: Prometheus) -> dict[str, int]:
                 client.decode(np.zeros((1, latent_dim + 1), np.float32))
             sent["invalid"] += 1
             time.sleep(0.5)
-    # Two more scrapes, so the last requests are in Prometheus too.
-    time.sleep(2.5)
+    # Until a scrape has the last requests too (every second, or later on a loaded machine); the one GetModelInfo
+    # asked up front counts as well. test_scraped_counts_match_the_traffic_sent checks each count exactly.
+    wait_until(
+        lambda: prometheus.total('vae_requests_total{job="vae-server"}') >= sum(sent.values()) + 1,
+        timeout_s=60,
+        what="Prometheus to scrape every request sent",
+    )
     return sent
 
 
@@ -226,9 +235,7 @@ def test_every_alert_expression_evaluates_on_the_servers_metrics(
 
 
 def test_scraped_counts_match_the_traffic_sent(prometheus: Prometheus, traffic: dict) -> None:
-    def total(expr: str) -> float:
-        return sum(float(sample["value"][1]) for sample in prometheus.query(expr))
-
+    total = prometheus.total
     for method in ("Sample", "Encode", "Interpolate", "GetModelInfo", "Score"):
         ok = total(f'vae_requests_total{{job="vae-server", method="{method}", code="OK"}}')
         # GetModelInfo is also asked once up front for the latent size.
