@@ -2,23 +2,26 @@
 
 Every test is marked with its tier by its folder: tests/unit, tests/integration, tests/system
 (`pytest -m unit` and so on). `make test` and `make test-fast` run the tests on two pytest-xdist workers
-(the Makefile says how they are spread), and the model the tests share is built once per run. Hypothesis
+(the Makefile says how they are spread), and the model the tests share is built once and kept until what
+makes it changes (`exported_repository`). Hypothesis
 runs the `ci` profile (what `make test` runs) unless `--hypothesis-profile dev` asks for fewer examples (what
 `make test-fast` runs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.helpers import file_lock, train_tiny_checkpoint
+from tests.helpers import ROOT, file_lock, train_tiny_checkpoint
 
 if TYPE_CHECKING:
     from serving.client import VaeClient
@@ -44,36 +47,47 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A VAE (latent_dim 20) trained briefly on real digits, saved as a checkpoint."""
-    return _once_per_run(tmp_path_factory, "tiny", lambda folder: train_tiny_checkpoint(folder / "best.pt", 20))
+def tiny_checkpoint(exported_repository: Path) -> Path:
+    """A VAE (latent_dim 20) trained briefly on real digits, saved as a checkpoint (the one exported below)."""
+    return exported_repository.parent.parent / "best.pt"
 
 
 @pytest.fixture(scope="session")
-def exported_repository(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`tiny_checkpoint` exported as version 1 of vae-mnist; returns `<repository>/vae-mnist` (read-only: tests
-    that change a model directory take `model_dir`, a copy)."""
+def exported_repository() -> Path:
+    """A tiny VAE trained and exported as version 1 of vae-mnist; returns `<repository>/vae-mnist`.
+
+    Read-only: tests that change a model directory take `model_dir`, a copy. Built once and kept in
+    build/test-cache/ under a digest of everything that makes it (training/, contract/, the tests' helpers
+    and conftest, pyproject.toml's pins), so the edit loop trains and exports it again only when one of those
+    changes (about 12 s); xdist's workers take turns on a lock, the first builds. Before it is used, the
+    version is verified as the server would (checksums, signatures), so a damaged copy is built again.
+    """
+    from contract.repository import ModelRepositoryError, load_version
     from training.export import export
 
-    return _once_per_run(tmp_path_factory, "models", lambda folder: export(tiny_checkpoint, folder, "vae-mnist").parent)
+    folder = ROOT / "build" / "test-cache" / f"tiny-{_digest_of_what_builds_it()}"
+    repository = folder / "models" / "vae-mnist"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.parent / f"{folder.name}.lock"):
+        try:
+            load_version(repository, 1)
+            return repository
+        except ModelRepositoryError:
+            shutil.rmtree(folder, ignore_errors=True)
+        building = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        export(train_tiny_checkpoint(building / "best.pt", 20), building / "models", "vae-mnist")
+        os.rename(building, folder)  # whole or not at all: a run killed meanwhile leaves only a hidden folder
+    return repository
 
 
-def _once_per_run(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
-    """What `build(folder)` returns, built once per test run however many xdist workers share it.
-
-    Each worker's temporary root is a folder of the run's (pytest-xdist's documented way to share a session
-    fixture); the first worker to take the lock builds, the others wait and reuse what it built.
-    """
-    root = factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    built = root / f"{name}.built"  # holds the path `build` returned, written once it succeeded
-    with file_lock(root / f"{name}.lock"):
-        if not built.exists():
-            folder = root / name
-            folder.mkdir(exist_ok=True)
-            built.write_text(str(build(folder)))
-    return Path(built.read_text())
+def _digest_of_what_builds_it() -> str:
+    """sha256 (first 16 hex digits) of the sources that make the tiny model and its export."""
+    sources = [*sorted((ROOT / "training").glob("*.py")), *sorted((ROOT / "contract").glob("*.py"))]
+    sources += [ROOT / "tests" / "helpers.py", ROOT / "tests" / "conftest.py", ROOT / "pyproject.toml"]
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @pytest.fixture
