@@ -4,7 +4,9 @@
 
 Written atomically (`write_labels`), so a server polling the directory reads the old file or the new one.
 A label is lower-case letters, digits, '-' and '_', starting with a letter (so never a number); a version is
-an integer the gRPC contract can carry (1 .. 2^64 - 1).
+an integer the gRPC contract can carry (1 .. 2^63 - 1). A file holds at most MAX_LABELS labels and
+MAX_LABELS_BYTES bytes (checked before it is read): every label is a Prometheus label value and a poll reads
+the file, so both stay small.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import msgspec
 
 from contract.files import atomic_replace
 from contract.manifest import MAX_VERSION
-from contract.repository import ModelRepositoryError
+from contract.repository import ModelRepositoryError, read_bounded
 
 LABELS_FILE = "labels.json"
+MAX_LABELS = 32
+MAX_LABELS_BYTES = 64 * 1024  # 32 labels of 63 characters take ~2.5 KB
 LABEL_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _Version = Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
 _Labels = dict[str, _Version]
@@ -39,7 +43,7 @@ def read_labels(model_dir: Path) -> dict[str, int]:
     """labels.json of `model_dir` ({} when there is none); ModelRepositoryError naming the file when malformed."""
     path = Path(model_dir) / LABELS_FILE
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_LABELS_BYTES, "labels file")
     except FileNotFoundError:
         return {}
     except OSError as exc:
@@ -48,6 +52,8 @@ def read_labels(model_dir: Path) -> dict[str, int]:
         labels = msgspec.json.decode(data, type=_Labels)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ModelRepositoryError(f"{path}: {_what_is_wrong(data, exc)}") from None
+    if len(labels) > MAX_LABELS:
+        raise ModelRepositoryError(f"{path}: {len(labels)} labels, more than the {MAX_LABELS} a model may have")
     for label in labels:
         try:
             check_label(label)
@@ -74,6 +80,10 @@ def _what_is_wrong(data: bytes, error: Exception) -> str:
 
 
 def write_labels(model_dir: Path, labels: dict[str, int]) -> None:
-    """Replace labels.json atomically: readers see the old file or the new one, never a partial one."""
+    """Replace labels.json atomically: readers see the old file or the new one, never a partial one.
+
+    ValueError, writing nothing, for more than MAX_LABELS labels (a reader would refuse the file)."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{len(labels)} labels, more than the {MAX_LABELS} a model may have: remove some first")
     with atomic_replace(Path(model_dir) / LABELS_FILE) as temporary:
         temporary.write_bytes(msgspec.json.format(msgspec.json.encode(dict(sorted(labels.items()))), indent=2) + b"\n")

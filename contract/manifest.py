@@ -10,12 +10,16 @@ cannot drift from the reader.
 What the types cannot say (checksums against the files, the graphs' real signatures, name and version
 against the directory, active dimensions within latent_dim) `contract.repository` checks by hand.
 
+What leaves the server is `public_view`: the manifest without the paths of the machine that exported it
+(the `training` section's `checkpoint` and its `train_config` fields that are paths, cut to their base names).
+
 Format 1 is the only format so far. A change that old readers would misread gets format 2, and this module
 keeps a reader for format 1 (tests/unit/test_manifest.py decodes a committed format-1 file).
 """
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -25,6 +29,8 @@ FORMAT_VERSION: Literal[1] = 1
 # int64 elsewhere) hold exactly, so the repository keeps to it: a larger number is refused, never wrapped.
 MAX_VERSION = 2**63 - 1
 BATCH_AXIS = "batch"  # the name of the dynamic first axis of every input and output
+# train_config's fields that hold paths on the machine that trained (TrainConfig's out, data_dir, resume)
+TRAIN_CONFIG_PATH_FIELDS = ("out", "data_dir", "resume")
 
 Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -156,3 +162,32 @@ def decode(data: bytes) -> Manifest:
 def to_json(manifest: Manifest) -> str:
     """The manifest as compact JSON text."""
     return msgspec.json.encode(manifest).decode()
+
+
+def public_view(manifest: Manifest) -> Manifest:
+    """The manifest as a client may see it: every path of the exporting machine cut to its base name
+    (the `training` section's `checkpoint`, its train_config's TRAIN_CONFIG_PATH_FIELDS and any other absolute
+    path there), so that no path leaves the server. model.json on disk keeps them (the exporter's provenance)."""
+    run = manifest.training
+    train_config = {
+        key: _base_name(value) if key in TRAIN_CONFIG_PATH_FIELDS or _is_absolute(value) else value
+        for key, value in run.train_config.items()
+    }
+    public_run = msgspec.structs.replace(run, checkpoint=_base_name(run.checkpoint), train_config=train_config)
+    return msgspec.structs.replace(manifest, training=public_run)
+
+
+def public_json(manifest: Manifest) -> str:
+    """`public_view` as compact JSON text: GetModelInfo's manifest_json."""
+    return to_json(public_view(manifest))
+
+
+def _is_absolute(value: Any) -> bool:
+    return isinstance(value, str) and PurePath(value).is_absolute()
+
+
+def _base_name(value: Any) -> Any:
+    """A path's last part ("runs/beta-1/best.pt" → "best.pt"); anything but a non-empty string as it is."""
+    if not isinstance(value, str):
+        return value
+    return PurePath(value).name or value

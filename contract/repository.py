@@ -12,6 +12,11 @@ the contract above for the manifest's latent_dim. Sessions are built from the ve
 (`GraphSpec.model_bytes`), never by re-reading the file. Export verifies its staging directory with the
 same `read_version_dir` before publishing, so a version serving would refuse is never published.
 
+Every file is bounded before it is read (`read_bounded`): the manifest to MAX_MANIFEST_BYTES, a graph to
+the manifest's `size_bytes` and MAX_GRAPH_BYTES, so a huge (or endless) file is refused without reading it.
+A version number is 1 .. MAX_VERSION (what the gRPC contract carries); a directory named by a larger
+number is not a version (`scan_versions` says why).
+
 No torch here: onnxruntime (a serving dependency already) reads the graphs' signatures, so serving needs no
 `onnx` package, and a graph that onnxruntime cannot load is refused at load time, not at the first call.
 """
@@ -19,17 +24,22 @@ No torch here: onnxruntime (a serving dependency already) reads the graphs' sign
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
-from contract.manifest import BATCH_AXIS, Manifest, ManifestError, TensorSpec, decode, to_json
+from contract.manifest import BATCH_AXIS, MAX_VERSION, Manifest, ManifestError, TensorSpec, decode, public_json
 
 MANIFEST_FILE = "model.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+MAX_MANIFEST_BYTES = 1024 * 1024  # model.json is ~4 KB
+MAX_GRAPH_BYTES = 256 * 1024 * 1024  # one ONNX graph; the default model's are ~3.3 MB
 
 # The graphs' signatures, the contract between export and serving. D is the manifest's latent_dim.
 ENCODER_INPUT, ENCODER_OUTPUTS = "x", ("mu", "log_var")
@@ -85,8 +95,8 @@ class ModelVersion:
 
     @property
     def manifest_json(self) -> str:
-        """The manifest as compact JSON (what GetModelInfo sends)."""
-        return to_json(self.manifest)
+        """The manifest's public view as compact JSON (what GetModelInfo sends): no path of the exporter's."""
+        return public_json(self.manifest)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -116,17 +126,90 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def is_version_name(name: str) -> bool:
-    """Whether a directory name is a version: a decimal integer >= 1 without leading zeros."""
+def _is_number_name(name: str) -> bool:
+    """A decimal integer >= 1 without leading zeros (of any size)."""
     return name.isdecimal() and name.isascii() and not name.startswith("0")
 
 
-def list_versions(model_dir: Path) -> list[int]:
-    """The integer-named subdirectories of `model_dir`, ascending (temporary export directories are skipped)."""
+def is_version_name(name: str) -> bool:
+    """Whether a directory name is a version: a decimal integer 1 .. MAX_VERSION without leading zeros."""
+    return _is_number_name(name) and int(name) <= MAX_VERSION
+
+
+@dataclass(frozen=True)
+class VersionListing:
+    """The version directories of a model directory, and those named like one that cannot be a version."""
+
+    versions: tuple[int, ...]  # ascending
+    refused: dict[str, str]  # directory name → why it is not a version (a number above MAX_VERSION)
+
+
+def scan_versions(model_dir: Path) -> VersionListing:
+    """The integer-named subdirectories of `model_dir` (temporary export directories, `latest`, `01` are skipped
+    silently; a number above MAX_VERSION is skipped and listed in `refused`, as the gRPC contract cannot carry it)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelRepositoryError(f"{model_dir}: model directory not found")
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and is_version_name(p.name))
+    versions: list[int] = []
+    refused: dict[str, str] = {}
+    for entry in model_dir.iterdir():
+        if not (_is_number_name(entry.name) and entry.is_dir()):
+            continue
+        if is_version_name(entry.name):
+            versions.append(int(entry.name))
+        else:
+            refused[entry.name] = f"version number above {MAX_VERSION} (2^63 - 1), the largest a version may be"
+    return VersionListing(tuple(sorted(versions)), dict(sorted(refused.items())))
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """The versions of `model_dir`, ascending (`scan_versions`)."""
+    return list(scan_versions(model_dir).versions)
+
+
+def read_bounded(path: Path, max_bytes: int, what: str, exact_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file `path`, its size checked before anything is read.
+
+    Refused with ModelRepositoryError naming the file and the limit: a size other than `exact_bytes` (when
+    given), more than `max_bytes`, or not a regular file (a FIFO or a device could block or never end).
+    Opened without blocking and checked with fstat, so the file checked is the file read. OSError
+    (FileNotFoundError included) passes through for the caller to word.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as stream:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelRepositoryError(f"{path}: the {what} is not a regular file")
+        if exact_bytes is not None and info.st_size != exact_bytes:
+            raise ModelRepositoryError(
+                f"{path}: {info.st_size} bytes, but the manifest says size_bytes {exact_bytes}: "
+                "the file changed after export"
+            )
+        if info.st_size > max_bytes:
+            raise ModelRepositoryError(
+                f"{path}: {info.st_size} bytes, more than the {max_bytes} bytes ({_binary_size(max_bytes)}) "
+                f"a {what} may have"
+            )
+        data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes or (exact_bytes is not None and len(data) != exact_bytes):  # it changed meanwhile
+        raise ModelRepositoryError(f"{path}: the {what} changed while it was read")
+    return data
+
+
+def _binary_size(size_bytes: int) -> str:
+    return f"{size_bytes // 1024} KiB" if size_bytes < 1024 * 1024 else f"{size_bytes // (1024 * 1024)} MiB"
+
+
+# An absolute path in a message: "/" at the start or after a space, quote, bracket, "=" or ":".
+_ABSOLUTE_PATH = re.compile(r"""(?:^|(?<=[\s'"(\[=:]))/[^\s'"),\]]*""")
+
+
+def without_paths(message: str, model_dir: Path) -> str:
+    """`message` as a client may see it: paths under `model_dir` relative to it (`3/decoder.onnx: ...`), any
+    other absolute path cut to its base name. The server's own log keeps the full message."""
+    for root in sorted({str(Path(model_dir)), str(Path(model_dir).resolve())}, key=len, reverse=True):
+        message = message.replace(root.rstrip("/") + "/", "")  # the longer first: the other may be its tail
+    return _ABSOLUTE_PATH.sub(lambda match: os.path.basename(match.group().rstrip("/")) or "/", message)
 
 
 def load_version(model_dir: Path, version: int | None = None) -> ModelVersion:
@@ -146,7 +229,7 @@ def load_version(model_dir: Path, version: int | None = None) -> ModelVersion:
 def read_manifest(path: Path) -> Manifest:
     """The manifest in `path`; ModelRepositoryError naming the file and, where it is malformed, the JSON path."""
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
     except FileNotFoundError:
         raise ModelRepositoryError(f"{path}: manifest missing") from None
     except OSError as exc:
@@ -191,8 +274,8 @@ def _read_graph(version_dir: Path, manifest: Manifest, role: str, expected: Sign
                 f"for latent_dim {manifest.latent_dim}: expected {_describe(wanted)}"
             )
     graph_path = version_dir / entry.file
-    try:
-        model_bytes = graph_path.read_bytes()
+    try:  # its size checked against the manifest and MAX_GRAPH_BYTES before a byte is read
+        model_bytes = read_bounded(graph_path, MAX_GRAPH_BYTES, "graph", exact_bytes=entry.size_bytes)
     except FileNotFoundError:
         raise ModelRepositoryError(f"{graph_path}: graph file missing") from None
     except OSError as exc:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from contract.labels import check_label, read_labels, write_labels
-from contract.repository import ModelRepositoryError, list_versions, load_version
+from contract.repository import ModelRepositoryError, list_versions, load_version, scan_versions
 
 PROMOTED_LABEL = "stable"
 
@@ -42,9 +42,14 @@ def set_label(model_dir: Path, label: str, version: int | None) -> str:
 
 
 def check(model_dir: Path, version: int | None = None) -> bool:
-    """Print one verdict line per version (all, or only `version`); True when every one passed."""
-    versions = [version] if version is not None else list_versions(model_dir)
-    if not versions:
+    """Print one verdict line per version (all, or only `version`); True when every one passed.
+
+    Checking all, a directory named by a number no version may have (above 2^63 - 1) gets a FAILED line too:
+    the server ignores it."""
+    listing = scan_versions(model_dir)
+    versions = [version] if version is not None else list(listing.versions)
+    refused = {} if version is not None else listing.refused
+    if not versions and not refused:
         raise ModelRepositoryError(f"{model_dir}: no versions (expected integer-named subdirectories)")
     labels_of: dict[int, list[str]] = {}
     for label, number in sorted(read_labels(model_dir).items()):
@@ -63,7 +68,9 @@ def check(model_dir: Path, version: int | None = None) -> bool:
             f"encoder sha256 {loaded.encoder.sha256[:12]}, decoder sha256 {loaded.decoder.sha256[:12]}, "
             f"created {loaded.manifest.created_at}{labels})"
         )
-    return all_ok
+    for name, reason in refused.items():  # named above every version, so printed after them
+        print(f"{model_dir.name} {name}: FAILED: {model_dir / name}: {reason}")
+    return all_ok and not refused
 
 
 def build_parser() -> argparse.ArgumentParser:

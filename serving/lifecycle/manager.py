@@ -1,12 +1,17 @@
 """The versions a server serves, kept in step with its model directory: verify, load, warm up, swap, drain.
 
 `ModelManager.refresh` (at start, every `--poll-seconds`, and on SIGHUP) lists the version directories and
-reads labels.json. A version the policy or a label wants is verified, loaded and warmed up in a loader
-thread while the event loop keeps serving, and takes traffic only then. A version no longer wanted is
-retired: it takes no new requests, the requests that leased it finish on it, then its batchers stop and its
-sessions are freed. A version that fails verification or warm-up is logged (one JSON line naming the file
-and the reason), counted, and never served; it is tried again only when its files change. The server never
-retires its last version: with nothing new to serve, it keeps what it has.
+reads labels.json, both in the loader thread (a slow volume or a large file never stalls the event loop). A
+labels.json that cannot be read never stops versions from loading: it is logged once (`labels_unreadable`)
+and the server keeps the labels it had (none at start-up). A directory named by a number no version may have
+(above 2^63 - 1) is ignored and logged once (`version_dir_ignored`). A version the policy or a label wants is
+verified, loaded and warmed up in a loader thread while the event loop keeps serving, and takes traffic only
+then. A version no longer wanted is retired: it takes no new requests, the requests that leased it finish on
+it, then its batchers stop and its sessions are freed. A version that fails verification or warm-up is logged
+(one JSON line naming the file and the reason), counted, and never served; it is tried again only when its
+files change. What clients see of a failure (GetModelInfo) names its files relative to the model directory;
+the log keeps the full path. The server never retires its last version: with nothing new to serve, it keeps
+what it has.
 
 Requests `lease` a version for their whole duration (a stream for all its chunks), by number, by label, or
 by the default route.
@@ -26,7 +31,14 @@ from pathlib import Path
 from typing import Protocol
 
 from contract.labels import check_label, read_labels
-from contract.repository import ModelRepositoryError, ModelVersion, list_versions, read_version_dir
+from contract.repository import (
+    ModelRepositoryError,
+    ModelVersion,
+    VersionListing,
+    read_version_dir,
+    scan_versions,
+    without_paths,
+)
 from contract.settings import SettingError, check_settings, setting
 from serving.dataplane.admission import Slots
 from serving.dataplane.batcher import BatchSettings
@@ -116,7 +128,7 @@ class VersionStatus:
     state: VersionState
     labels: tuple[str, ...]
     is_default: bool
-    error: str = ""  # why it FAILED: the file and the check
+    error: str = ""  # why it FAILED: the file (relative to the model directory) and the check
 
 
 class ModelManager:
@@ -147,6 +159,8 @@ class ModelManager:
         self._labels: dict[str, int] = {}
         self._default: int | None = None
         self._failed: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}  # version → (files, reason)
+        self._labels_problem: str | None = None  # why labels.json was last unreadable (logged once per problem)
+        self._ignored_dirs: set[str] = set()  # directories named beyond MAX_VERSION, logged once
         self.stream_slots = Slots(limits.max_sample_streams, "SampleStream calls")  # shared by every version
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._loader_closed = False
@@ -187,10 +201,17 @@ class ModelManager:
     async def refresh(self, reason: str) -> None:
         """Bring the served versions in line with the directory, the labels and the policy."""
         async with self._refreshing:
-            present = self._present_versions(raise_errors=reason == "start")
-            if present is None:
+            try:
+                listing, read = await asyncio.get_running_loop().run_in_executor(self._loader, self._read_directory)
+            except ModelRepositoryError as exc:  # the model directory itself is gone or unreadable
+                if reason == "start":
+                    raise
+                fields = {"path": str(self.repository.model_dir), "error": str(exc)}
+                log.error("model_dir_unreadable", extra={"fields": fields})
                 return
-            labels = self._read_labels(raise_errors=reason == "start")
+            self._log_ignored(listing.refused)
+            present = list(listing.versions)
+            labels = self._usable_labels(read)
             self._failed = {version: failure for version, failure in self._failed.items() if version in present}
             wanted = await self._load_wanted(present, labels)
             keep = wanted & self._served.keys()
@@ -240,7 +261,11 @@ class ModelManager:
             for s in self._retiring
             if not s.closed.is_set()
         ]
-        rows += [VersionStatus(v, VersionState.FAILED, (), False, reason) for v, (_, reason) in self._failed.items()]
+        model_dir = self.repository.model_dir
+        rows += [
+            VersionStatus(v, VersionState.FAILED, (), False, without_paths(reason, model_dir))
+            for v, (_, reason) in self._failed.items()
+        ]
         return sorted(rows, key=lambda row: (-row.version, row.state.name))
 
     def _resolve(self, version: int | None, label: str | None) -> _Served:
@@ -283,24 +308,32 @@ class ModelManager:
 
     # -- loading and unloading ----------------------------------------------------------------------------------
 
-    def _present_versions(self, raise_errors: bool) -> list[int] | None:
+    def _read_directory(self) -> tuple[VersionListing, dict[str, int] | ModelRepositoryError]:
+        """The version directories and labels.json (in the loader thread); a labels file that cannot be read is
+        returned as its error, so that it never keeps versions from loading."""
+        listing = scan_versions(self.repository.model_dir)
         try:
-            return list_versions(self.repository.model_dir)
+            return listing, read_labels(self.repository.model_dir)
         except ModelRepositoryError as exc:
-            if raise_errors:
-                raise
-            fields = {"path": str(self.repository.model_dir), "error": str(exc)}
-            log.error("model_dir_unreadable", extra={"fields": fields})
-            return None
+            return listing, exc
 
-    def _read_labels(self, raise_errors: bool) -> dict[str, int]:
-        try:
-            return read_labels(self.repository.model_dir)
-        except ModelRepositoryError as exc:
-            if raise_errors:
-                raise
-            log.error("labels_unreadable", extra={"fields": {"error": str(exc), "keeping": self._labels}})
-            return self._labels
+    def _usable_labels(self, read: dict[str, int] | ModelRepositoryError) -> dict[str, int]:
+        """The labels read, or the ones the server has (none at start-up) when labels.json cannot be read: that
+        is logged once per problem, not on every poll."""
+        if not isinstance(read, ModelRepositoryError):
+            self._labels_problem = None
+            return read
+        if str(read) != self._labels_problem:
+            self._labels_problem = str(read)
+            log.error("labels_unreadable", extra={"fields": {"error": str(read), "keeping": self._labels}})
+        return self._labels
+
+    def _log_ignored(self, refused: dict[str, str]) -> None:
+        """Log each directory named like a version that cannot be one, once (again if it goes and comes back)."""
+        for name in sorted(refused.keys() - self._ignored_dirs):
+            fields = {"path": str(Path(self.repository.model_dir) / name), "reason": refused[name]}
+            log.warning("version_dir_ignored", extra={"fields": fields})
+        self._ignored_dirs = set(refused)
 
     def _failed_unchanged(self, version: int) -> bool:
         """Whether `version` failed before and its files have not changed since (then it is not tried again)."""

@@ -68,3 +68,15 @@ def test_a_label_points_only_at_a_version_that_verifies(model_dir: Path) -> None
     with pytest.raises(ValueError, match="no version 5"):
         set_label(model_dir, "canary", 5)
     assert json.loads((model_dir / LABELS_FILE).read_text()) == {"stable": 1}
+
+
+def test_check_fails_a_directory_named_beyond_the_largest_version(model_dir: Path) -> None:
+    publish_copy(model_dir, 2**64)  # the manifest says 2**64 too: the directory's name is what is refused
+    result = vae_models("check", str(model_dir))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("vae-mnist 1: ok")
+    assert lines[1] == (
+        f"vae-mnist {2**64}: FAILED: {model_dir / str(2**64)}: version number above 9223372036854775807 (2^63 - 1), "
+        "the largest a version may be"
+    )

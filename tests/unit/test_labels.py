@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from contract.labels import LABELS_FILE, check_label, read_labels, write_labels
+from contract.labels import LABELS_FILE, MAX_LABELS, MAX_LABELS_BYTES, check_label, read_labels, write_labels
 from contract.repository import ModelRepositoryError
 
 
@@ -37,7 +38,8 @@ def test_a_failed_write_leaves_the_old_labels(tmp_path: Path) -> None:
         ('{"stable": true}', "label 'stable' must name a version number .* got true"),
         ('{"stable": 18446744073709551616}', "label 'stable' must name a version number .* got 18446744073709551616"),
         ('{"stable": 2, "canary": [[[[1]]]]}', r"label 'canary' must name a version number .* got \[\[\[\[1\]\]\]\]"),
-        ('{"stable": ' + "[" * 100_000 + "]" * 100_000 + "}", "labels must be a JSON object .* got array"),
+        ('{"stable": ' + "[" * 30_000 + "]" * 30_000 + "}", "labels must be a JSON object .* got array"),  # < 64 KiB
+        ('{"stable": ' + "[" * 100_000 + "]" * 100_000 + "}", "200012 bytes, more than the 65536 bytes"),
     ],
 )
 def test_malformed_labels_are_refused_naming_the_file(tmp_path: Path, content: str, message: str) -> None:
@@ -55,3 +57,23 @@ def test_label_names_start_with_a_letter(label: str) -> None:
 def test_other_label_names_are_refused_saying_what_is_allowed(label: str) -> None:
     with pytest.raises(ValueError, match="lower-case letters, digits, '-' and '_', starting with a letter"):
         check_label(label)
+
+
+def test_a_labels_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    with open(tmp_path / LABELS_FILE, "wb") as stream:
+        stream.truncate(MAX_LABELS_BYTES + 1)  # sparse: reading it would find zeros, not JSON
+    with pytest.raises(
+        ModelRepositoryError, match=f"{LABELS_FILE}: 65537 bytes, more than the 65536 bytes \\(64 KiB\\)"
+    ):
+        read_labels(tmp_path)
+
+
+def test_more_labels_than_the_limit_are_refused(tmp_path: Path) -> None:
+    most = {f"label-{i}": 1 for i in range(MAX_LABELS)}
+    write_labels(tmp_path, most)
+    assert read_labels(tmp_path) == most
+    (tmp_path / LABELS_FILE).write_text(json.dumps({**most, "one-more": 1}))
+    with pytest.raises(ModelRepositoryError, match=f"{LABELS_FILE}: 33 labels, more than the 32 a model may have"):
+        read_labels(tmp_path)
+    with pytest.raises(ValueError, match="33 labels, more than the 32"):
+        write_labels(tmp_path, {**most, "one-more": 1})

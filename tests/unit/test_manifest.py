@@ -86,3 +86,19 @@ def test_the_fields_keep_the_order_of_the_files_already_written() -> None:
     assert list(json.loads(schema.encode(schema.decode(FORMAT_1.read_bytes())))) == written
     without_baseline = schema.encode(schema.decode(edited(lambda m: m.pop("baseline"))))
     assert list(json.loads(without_baseline)) == [key for key in written if key != "baseline"]
+
+
+def test_the_public_view_names_no_path_of_the_exporting_machine() -> None:
+    manifest = schema.decode(edited(lambda m: m["training"]["train_config"].update(resume="/srv/runs/a/last.pt")))
+    public = json.loads(schema.public_json(manifest))
+    assert public["training"]["checkpoint"] == "best.pt"  # was /tmp/fx/run/best.pt
+    assert {key: public["training"]["train_config"][key] for key in ("out", "data_dir", "resume")} == {
+        "out": "run",
+        "data_dir": None,
+        "resume": "last.pt",
+    }
+    assert (
+        public["training"]["train_config"]["lr"] == 0.002
+        and public["graphs"] == json.loads(FORMAT_1.read_text())["graphs"]
+    )
+    assert manifest.training.checkpoint == "/tmp/fx/run/best.pt"  # the manifest itself (model.json) keeps them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from contract.repository import ModelRepositoryError, list_versions, load_version
+from contract.manifest import MAX_VERSION
+from contract.repository import (
+    MAX_GRAPH_BYTES,
+    MAX_MANIFEST_BYTES,
+    ModelRepositoryError,
+    is_version_name,
+    list_versions,
+    load_version,
+    scan_versions,
+    without_paths,
+)
+from tests.helpers import publish_copy
 
 
 def copy_model(exported_repository: Path, tmp_path: Path, name: str = "vae-mnist") -> Path:
@@ -57,6 +69,19 @@ def test_list_versions_is_ascending_and_skips_other_entries(exported_repository:
         (model_dir / name).mkdir()
     (model_dir / "7").write_text("a file, not a version")
     assert list_versions(model_dir) == [1, 2, 10]
+
+
+def test_a_number_beyond_what_the_contract_carries_is_not_a_version(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    assert is_version_name(str(MAX_VERSION)) and not is_version_name(str(MAX_VERSION + 1))
+    publish_copy(model_dir, MAX_VERSION)
+    for name in (str(MAX_VERSION + 1), str(2**64), "9" * 200):
+        (model_dir / name).mkdir()
+    listing = scan_versions(model_dir)
+    assert listing.versions == (1, MAX_VERSION)
+    assert set(listing.refused) == {str(MAX_VERSION + 1), str(2**64), "9" * 200}
+    assert listing.refused[str(2**64)] == f"version number above {MAX_VERSION} (2^63 - 1), the largest a version may be"
+    assert load_version(model_dir).number == MAX_VERSION  # the newest version, not the larger names: it loads
 
 
 def test_pinned_version_loads_and_missing_version_is_named(exported_repository: Path, tmp_path: Path) -> None:
@@ -151,7 +176,8 @@ def test_swapped_graphs_with_matching_checksums_are_refused_by_signature(
 
     def swap_checksums(manifest: dict[str, Any]) -> None:
         encoder_entry, decoder_entry = manifest["graphs"]["encoder"], manifest["graphs"]["decoder"]
-        encoder_entry["sha256"], decoder_entry["sha256"] = decoder_entry["sha256"], encoder_entry["sha256"]
+        for key in ("sha256", "size_bytes"):
+            encoder_entry[key], decoder_entry[key] = decoder_entry[key], encoder_entry[key]
 
     edit_manifest(version_dir, swap_checksums)
     with pytest.raises(ModelRepositoryError, match=r"1/encoder\.onnx: graph inputs \[z float32"):
@@ -164,7 +190,9 @@ def test_unloadable_graph_with_matching_checksum_is_refused(exported_repository:
     (model_dir / "1" / "decoder.onnx").write_bytes(garbage)
     from contract.repository import sha256_hex
 
-    edit_manifest(model_dir / "1", lambda m: m["graphs"]["decoder"].update(sha256=sha256_hex(garbage)))
+    edit_manifest(
+        model_dir / "1", lambda m: m["graphs"]["decoder"].update(sha256=sha256_hex(garbage), size_bytes=len(garbage))
+    )
     with pytest.raises(ModelRepositoryError, match=r"1/decoder\.onnx: onnxruntime cannot load the graph"):
         load_version(model_dir)
 
@@ -173,3 +201,54 @@ def test_version_copied_under_another_name_is_refused(exported_repository: Path,
     model_dir = copy_model(exported_repository, tmp_path, name="vae-fashion")
     with pytest.raises(ModelRepositoryError, match=r"name 'vae-mnist' does not match the directory \('vae-fashion'\)"):
         load_version(model_dir)
+
+
+def test_a_graph_larger_than_its_manifest_says_is_refused_without_being_read(
+    exported_repository: Path, tmp_path: Path
+) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    declared = json.loads((model_dir / "1" / "model.json").read_text())["graphs"]["decoder"]["size_bytes"]
+    os.truncate(model_dir / "1" / "decoder.onnx", 2 * 1024**3)  # sparse: 2 GiB that take no disk and, unread, no memory
+    with pytest.raises(
+        ModelRepositoryError,
+        match=rf"1/decoder\.onnx: 2147483648 bytes, but the manifest says size_bytes {declared}: the file changed",
+    ):
+        load_version(model_dir)
+
+
+def test_a_graph_above_the_maximum_is_refused_without_being_read(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    huge = MAX_GRAPH_BYTES + 1
+    os.truncate(model_dir / "1" / "decoder.onnx", huge)
+    edit_manifest(model_dir / "1", lambda m: m["graphs"]["decoder"].update(size_bytes=huge))  # the manifest agrees
+    with pytest.raises(
+        ModelRepositoryError, match=rf"1/decoder\.onnx: {huge} bytes, more than the {MAX_GRAPH_BYTES} bytes \(256 MiB\)"
+    ):
+        load_version(model_dir)
+
+
+def test_a_manifest_over_the_size_limit_is_refused_before_it_is_read(exported_repository: Path, tmp_path: Path) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    os.truncate(model_dir / "1" / "model.json", MAX_MANIFEST_BYTES + 1)
+    with pytest.raises(
+        ModelRepositoryError, match=r"1/model\.json: 1048577 bytes, more than the 1048576 bytes \(1 MiB\)"
+    ):
+        load_version(model_dir)
+
+
+def test_a_graph_that_is_not_a_regular_file_is_refused_without_blocking(
+    exported_repository: Path, tmp_path: Path
+) -> None:
+    model_dir = copy_model(exported_repository, tmp_path)
+    (model_dir / "1" / "decoder.onnx").unlink()
+    os.mkfifo(model_dir / "1" / "decoder.onnx")  # opening it to read would wait for a writer
+    with pytest.raises(ModelRepositoryError, match=r"1/decoder\.onnx: the graph is not a regular file"):
+        load_version(model_dir)
+
+
+def test_what_a_client_sees_of_an_error_names_files_relative_to_the_model_directory(tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / "vae-mnist"
+    error = f"{model_dir}/3/decoder.onnx: sha256 mismatch (manifest 12ab…, file 34cd…): the file changed after export"
+    assert without_paths(error, model_dir) == error.replace(f"{model_dir}/", "")
+    elsewhere = "onnxruntime cannot load the graph: /src/onnxruntime/core/graph/model.cc:180 Load failed (x=/etc/x)"
+    assert without_paths(elsewhere, model_dir) == "onnxruntime cannot load the graph: model.cc:180 Load failed (x=x)"
