@@ -1,6 +1,7 @@
 """The Python client of VaeService: `from serving.client import VaeClient`. It imports nothing of the server."""
 
-from serving.client.client import (
+from serving.client.client import VaeClient, channel_credentials
+from serving.client.results import (
     Decoding,
     Encoding,
     Interpolation,
@@ -9,10 +10,8 @@ from serving.client.client import (
     Samples,
     Scores,
     Traversal,
-    VaeClient,
     VaeError,
     VersionStatus,
-    channel_credentials,
 )
 
 __all__ = [

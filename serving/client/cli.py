@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.client.client import DEFAULT_TARGET, INTERPOLATION_METHODS, VaeClient, VaeError
+from serving.client.client import DEFAULT_TARGET, INTERPOLATION_METHODS, VaeClient
 from serving.client.images import image_grid, load_image
+from serving.client.results import VaeError
 
 
 def _sample_command(client: VaeClient, args: argparse.Namespace) -> str:

@@ -22,7 +22,9 @@ gRPC's own retry policy, with backoff): every VaeService method is free of side 
 the request did not run, and a server cancels calls only when it shuts down (gRPC refuses calls that race
 its listener closing with CANCELLED, before they reach the service). A cancel by the caller is never retried.
 Failures raise `VaeError` carrying the gRPC status code and the server's message; a reply that does not
-decode raises `VaeError` with INTERNAL, as gRPC's own clients report a malformed response.
+decode, or does not answer its request (another number of rows, paths, steps or scores than asked for, a
+stream whose chunks skip or repeat rows, a manifest that is not a JSON object), raises `VaeError` with
+INTERNAL, as gRPC's own clients report a malformed response.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,149 +41,30 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.api import SERVICE_NAME, pb, pb_grpc
-from serving.api.tensors import WireFormatError, tensor_from_proto, tensor_to_proto
+from serving.api.tensors import tensor_to_proto
+from serving.client.results import (
+    Decoding,
+    Encoding,
+    Interpolation,
+    ModelInfo,
+    Reconstruction,
+    Samples,
+    Scores,
+    Traversal,
+    VaeError,
+    VersionStatus,
+    answered,
+    array_of,
+    malformed,
+    plural,
+    rows_of,
+    samples_of,
+    scores_of,
+)
 
 DEFAULT_TARGET = "localhost:50051"
 _DTYPES = {"float32": pb.DTYPE_FLOAT32, "uint8": pb.DTYPE_UINT8}
 INTERPOLATION_METHODS = {"linear": pb.LINEAR, "slerp": pb.SLERP}
-
-
-class VaeError(Exception):
-    """A failed call: `code` is the gRPC status, `details` the server's explanation."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-# The results holding arrays compare by identity (eq=False): `==` on arrays is elementwise, not a yes or no.
-
-
-@dataclass(frozen=True, eq=False)
-class Encoding:
-    """Encode's answer: the posterior q(z|x) = N(mu, exp(log_var)) of each image."""
-
-    mu: np.ndarray  # [N, D]
-    log_var: np.ndarray  # [N, D]
-    model_version: int  # the version that answered
-
-
-@dataclass(frozen=True, eq=False)
-class Decoding:
-    """Decode's answer: the images the latents decode to."""
-
-    images: np.ndarray  # [N, 1, 28, 28] float32 in [0, 1], or uint8
-    model_version: int  # the version that answered
-
-
-@dataclass(frozen=True, eq=False)
-class Samples:
-    """Sample's answer, or one chunk of SampleStream's: rows offset .. offset + N - 1 of the seed's prior draws."""
-
-    images: np.ndarray  # [N, 1, 28, 28] float32 in [0, 1], or uint8
-    latents: np.ndarray  # [N, D], the draws the images were decoded from
-    seed: int  # the request's seed, or the one the server drew when it named none: it redraws these rows
-    offset: int  # index of the first row in the seed's sequence
-    model_version: int  # the version that answered
-
-
-@dataclass(frozen=True, eq=False)
-class Interpolation:
-    """Interpolate's answer: P paths of `steps` points each, both ends included."""
-
-    images: np.ndarray  # [P, steps, 1, 28, 28]
-    latents: np.ndarray  # [P, steps, D]
-    model_version: int  # the version that answered
-
-
-@dataclass(frozen=True, eq=False)
-class Scores:
-    """Per-image scores in nats, each [N] float64; higher means less like the training data (see vae.proto)."""
-
-    negative_elbo: np.ndarray  # the negative ELBO, a Monte Carlo estimate from the posterior draws
-    plugin_negative_elbo: np.ndarray  # -log p(x | z = mu) + kl: deterministic; neither a bound nor the ELBO
-    reconstruction: np.ndarray
-    kl: np.ndarray
-    complexity: np.ndarray
-    corrected: np.ndarray  # negative_elbo - complexity: the one to flag out-of-distribution inputs with
-    latent_norm: np.ndarray
-    iwae: np.ndarray | None  # the importance-weighted bound, when importance samples were asked for (else None)
-    model_version: int  # the version that answered
-
-    @classmethod
-    def from_proto(cls, messages: Any, model_version: int) -> Scores:
-        """The columns of a reply's ImageScore messages."""
-
-        def column(name: str) -> np.ndarray:
-            return np.array([getattr(m, name) for m in messages], dtype=np.float64)
-
-        has_iwae = len(messages) > 0 and all(m.HasField("iwae") for m in messages)
-        return cls(
-            negative_elbo=column("negative_elbo"),
-            plugin_negative_elbo=column("plugin_negative_elbo"),
-            reconstruction=column("reconstruction"),
-            kl=column("kl"),
-            complexity=column("complexity"),
-            corrected=column("corrected"),
-            latent_norm=column("latent_norm"),
-            iwae=column("iwae") if has_iwae else None,
-            model_version=model_version,
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class Reconstruction:
-    """Reconstruct's answer: the decoded latents and the images' scores (one posterior draw each)."""
-
-    images: np.ndarray  # [N, 1, 28, 28]
-    latents: np.ndarray  # [N, D], the posterior means, or the draws with sample_posterior
-    scores: Scores
-    model_version: int  # the version that answered
-
-
-@dataclass(frozen=True, eq=False)
-class Traversal:
-    """Traverse's grid: row r sweeps latent dimension dimensions[r] over `values`."""
-
-    images: np.ndarray  # [R, S, 1, 28, 28]
-    latents: np.ndarray  # [R, S, D]
-    dimensions: tuple[int, ...]
-    values: np.ndarray  # [S]
-    active_dimensions: tuple[int, ...]  # the dimensions the model uses (empty: its manifest does not say)
-    model_version: int  # the version that answered
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The served model, as GetModelInfo describes it."""
-
-    name: str
-    model_version: int  # the version that answered, the one this client's requests get
-    latent_dim: int
-    image_shape: tuple[int, ...]
-    provider: str
-    manifest: dict[str, Any]
-    versions: tuple[VersionStatus, ...] = ()  # every version the server knows of, newest first
-
-
-@dataclass(frozen=True)
-class VersionStatus:
-    """A version on the server: AVAILABLE (takes requests), UNLOADING (finishing them) or FAILED (never served)."""
-
-    version: int
-    state: str
-    labels: tuple[str, ...]
-    is_default: bool
-    error: str = ""
-
-
-def _array(tensor: pb.Tensor, field: str) -> np.ndarray:
-    """A reply's tensor as an array; a malformed one is the server's fault, reported as INTERNAL."""
-    try:
-        return tensor_from_proto(tensor, field)
-    except WireFormatError as exc:
-        raise VaeError(grpc.StatusCode.INTERNAL, f"malformed reply from the server: {exc}") from None
 
 
 def _service_config(retries: int) -> str:
@@ -208,13 +90,6 @@ def channel_credentials(
 
     return grpc.ssl_channel_credentials(
         root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
-    )
-
-
-def _samples(reply: pb.SampleResponse) -> Samples:
-    """A Sample reply, or one SampleStream message, as its rows and where they sit in the seed's sequence."""
-    return Samples(
-        _array(reply.images, "images"), _array(reply.latents, "latents"), reply.seed, reply.offset, reply.model_version
     )
 
 
@@ -301,13 +176,22 @@ class VaeClient:
     def encode(self, images: np.ndarray, timeout_s: float | None = None) -> Encoding:
         """Images [N,1,28,28] (float32 in [0,1] or uint8) → their posteriors: mu and log_var, each [N, D]."""
         reply = self._call(self._stub.Encode, pb.EncodeRequest(images=_wire(images)), timeout_s)
-        return Encoding(_array(reply.mu, "mu"), _array(reply.log_var, "log_var"), reply.model_version)
+        rows = rows_of(images)
+        asked = plural(rows, "image")
+        return Encoding(
+            answered("mu", array_of(reply.mu, "mu"), (rows,), asked),
+            answered("log_var", array_of(reply.log_var, "log_var"), (rows,), asked),
+            reply.model_version,
+        )
 
     def decode(self, latents: np.ndarray, output_dtype: str = "float32", timeout_s: float | None = None) -> Decoding:
         """Latents [N, D] → images [N,1,28,28] (float32 in [0,1], or uint8 with output_dtype="uint8")."""
         request = pb.DecodeRequest(latents=_wire(latents), output_dtype=_DTYPES[output_dtype])
         reply = self._call(self._stub.Decode, request, timeout_s)
-        return Decoding(_array(reply.images, "images"), reply.model_version)
+        rows = rows_of(latents)
+        return Decoding(
+            answered("images", array_of(reply.images, "images"), (rows,), plural(rows, "latent")), reply.model_version
+        )
 
     def _sample_request(
         self, count: int, seed: int | None, temperature: float | None, dtype: str, offset: int
@@ -329,7 +213,10 @@ class VaeClient:
         draws. The same seed and row always give the same image; without a seed the server draws one (the
         result's `seed`)."""
         request = self._sample_request(count, seed, temperature, output_dtype, offset)
-        return _samples(self._call(self._stub.Sample, request, timeout_s))
+        drawn = samples_of(self._call(self._stub.Sample, request, timeout_s), rows=count)
+        if drawn.offset != offset:
+            raise malformed(f"the rows start at offset {drawn.offset}; the request asked for offset {offset}")
+        return drawn
 
     def sample_stream(
         self,
@@ -341,12 +228,24 @@ class VaeClient:
         offset: int = 0,
     ) -> Generator[Samples, None, None]:
         """`sample` for large counts: one `Samples` per chunk, each with its own offset; closing the iterator early
-        cancels the stream. A stream broken after k rows resumes with offset=offset + k."""
+        cancels the stream. A stream broken after k rows resumes with offset=offset + k. Chunks that skip or
+        repeat rows, or a stream that ends before `count` rows, raise VaeError (INTERNAL)."""
         request = self._versioned(self._sample_request(count, seed, temperature, output_dtype, offset))
         stream = self._stub.SampleStream(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        received = 0  # rows so far; the next chunk must start at offset + received
         try:
             for reply in stream:
-                yield _samples(reply)
+                chunk = samples_of(reply)
+                rows = len(chunk.latents)
+                if chunk.offset != offset + received or received + rows > count:
+                    raise malformed(
+                        f"a chunk of rows {chunk.offset} .. {chunk.offset + rows - 1} after {received} of {count} "
+                        f"rows from offset {offset}: chunks must follow each other"
+                    )
+                received += rows
+                yield chunk
+            if received != count:
+                raise malformed(f"the stream ended after {received} of {count} rows")
         except grpc.RpcError as exc:
             raise VaeError(exc.code(), exc.details() or "") from None
         finally:
@@ -370,7 +269,13 @@ class VaeClient:
             output_dtype=_DTYPES[output_dtype],
         )
         reply = self._call(self._stub.Interpolate, request, timeout_s)
-        return Interpolation(_array(reply.images, "images"), _array(reply.latents, "latents"), reply.model_version)
+        paths = (rows_of(start), steps)
+        asked = f"{plural(paths[0], 'path')} of {steps} steps"
+        return Interpolation(
+            answered("images", array_of(reply.images, "images"), paths, asked),
+            answered("latents", array_of(reply.latents, "latents"), paths, asked),
+            reply.model_version,
+        )
 
     def score(
         self,
@@ -382,7 +287,7 @@ class VaeClient:
         """Images [N,1,28,28] → their scores (nats); importance_samples=K adds the K-sample bound `iwae`."""
         request = pb.ScoreRequest(images=_wire(images), importance_samples=importance_samples, seed=seed)
         reply = self._call(self._stub.Score, request, timeout_s)
-        return Scores.from_proto(reply.scores, reply.model_version)
+        return scores_of(reply.scores, reply.model_version, rows_of(images))
 
     def reconstruct(
         self,
@@ -398,10 +303,12 @@ class VaeClient:
             images=_wire(images), sample_posterior=sample_posterior, seed=seed, output_dtype=_DTYPES[output_dtype]
         )
         reply = self._call(self._stub.Reconstruct, request, timeout_s)
+        rows = rows_of(images)
+        asked = plural(rows, "image")
         return Reconstruction(
-            _array(reply.images, "images"),
-            _array(reply.latents, "latents"),
-            Scores.from_proto(reply.scores, reply.model_version),
+            answered("images", array_of(reply.images, "images"), (rows,), asked),
+            answered("latents", array_of(reply.latents, "latents"), (rows,), asked),
+            scores_of(reply.scores, reply.model_version, rows),
             reply.model_version,
         )
 
@@ -428,10 +335,18 @@ class VaeClient:
             output_dtype=_DTYPES[output_dtype],
         )
         reply = self._call(self._stub.Traverse, request, timeout_s)
+        swept = tuple(reply.dimensions)
+        if (dimensions and swept != tuple(dimensions)) or (steps is not None and len(reply.values) != steps):
+            raise malformed(
+                f"it swept dimensions {list(swept)} over {len(reply.values)} values; the request asked for "
+                f"{list(dimensions) or 'all'} over {steps if steps is not None else 'the default'} steps"
+            )
+        grid = (len(swept), len(reply.values))
+        asked = f"{plural(grid[0], 'dimension')} × {grid[1]} steps"
         return Traversal(
-            _array(reply.images, "images"),
-            _array(reply.latents, "latents"),
-            tuple(reply.dimensions),
+            answered("images", array_of(reply.images, "images"), grid, asked),
+            answered("latents", array_of(reply.latents, "latents"), grid, asked),
+            swept,
             np.array(reply.values, dtype=np.float32),
             tuple(reply.active_dimensions),
             reply.model_version,
@@ -445,14 +360,14 @@ class VaeClient:
             VersionStatus(row.version, pb.VersionState.Name(row.state), tuple(row.labels), row.is_default, row.error)
             for row in reply.versions
         )
+        try:
+            manifest = json.loads(reply.manifest_json)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise malformed(f"manifest_json is not JSON: {str(exc)[:200]}") from None
+        if not isinstance(manifest, dict):
+            raise malformed(f"manifest_json is not a JSON object: {reply.manifest_json[:40]!r}")
         return ModelInfo(
-            reply.name,
-            reply.version,
-            reply.latent_dim,
-            tuple(reply.image_shape),
-            reply.provider,
-            json.loads(reply.manifest_json),
-            versions,
+            reply.name, reply.version, reply.latent_dim, tuple(reply.image_shape), reply.provider, manifest, versions
         )
 
     def health(self, service: str = "", timeout_s: float | None = None) -> str:
