@@ -32,6 +32,8 @@ LOG_CLAMP = -100.0  # PyTorch's binary_cross_entropy clamps each log at -100
 # The quantiles of the plug-in score a manifest's baseline holds (export writes them, /metrics exports them),
 # keyed by quantile_key(q) in model.json and in the gauge's `quantile` label.
 BASELINE_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
+# `score` works through a request this many decoded rows at a time: float64 temporaries of ~6 KB a row.
+SCORE_ROWS_AT_ONCE = 256
 _LOG_2PI = math.log(2.0 * math.pi)
 _NATS_PER_BIT = math.log(2.0)
 
@@ -121,7 +123,40 @@ def score(
     with_iwae: bool,
 ) -> ImageScores:
     """Every figure for images [N, ...] from their posterior (mu, log_var), the S draws eps [S, N, D], the
-    decoder's outputs at those draws [S, N, ...] and at the mean [N, ...]; iwae only `with_iwae`."""
+    decoder's outputs at those draws [S, N, ...] and at the mean [N, ...]; iwae only `with_iwae`.
+
+    Computed a few images at a time (about SCORE_ROWS_AT_ONCE draws), so the float64 temporaries of a large
+    request stay a few MB whatever N and S are.
+    """
+    step = max(1, SCORE_ROWS_AT_ONCE // eps.shape[0])
+    parts = [
+        _score(
+            images[i : i + step],
+            mu[i : i + step],
+            log_var[i : i + step],
+            eps[:, i : i + step],
+            decoded_draws[:, i : i + step],
+            decoded_mean[i : i + step],
+            with_iwae,
+        )
+        for i in range(0, images.shape[0], step)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    iwae = np.concatenate([part.iwae for part in parts if part.iwae is not None]) if with_iwae else None
+    columns = ("negative_elbo", "reconstruction", "kl", "complexity", "latent_norm", "plugin_negative_elbo")
+    return ImageScores(**{name: np.concatenate([getattr(part, name) for part in parts]) for name in columns}, iwae=iwae)
+
+
+def _score(
+    images: np.ndarray,
+    mu: np.ndarray,
+    log_var: np.ndarray,
+    eps: np.ndarray,
+    decoded_draws: np.ndarray,
+    decoded_mean: np.ndarray,
+    with_iwae: bool,
+) -> ImageScores:
     reconstruction = reconstruction_nats(images, decoded_draws)  # [S, N]
     weights = log_weights(reconstruction, mu, log_var, eps)
     kl = kl_nats(mu, log_var)

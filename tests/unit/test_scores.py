@@ -123,3 +123,15 @@ def test_the_plugin_takes_the_reconstruction_at_the_mean_and_is_below_the_negati
     # the negative ELBO it is mistaken for.
     assert (result.plugin_negative_elbo < result.negative_elbo).all()
     np.testing.assert_allclose(result.corrected, result.negative_elbo - result.complexity)
+
+
+@pytest.mark.parametrize("draws", [1, 3, 300])
+def test_a_request_scored_in_parts_gets_the_numbers_of_one_piece(draws: int) -> None:
+    """`score` works through large requests a few images at a time; the parts must join into the same figures."""
+    case = _posterior_case(4, draws=draws, n=scores.SCORE_ROWS_AT_ONCE + 7)
+    whole = _score(case)
+    one_piece = scores._score(
+        case["images"], case["mu"], case["log_var"], case["eps"], case["at_draws"], case["at_mean"], True
+    )
+    for name in ("negative_elbo", "reconstruction", "kl", "complexity", "latent_norm", "plugin_negative_elbo", "iwae"):
+        np.testing.assert_allclose(getattr(whole, name), getattr(one_piece, name), rtol=1e-12, err_msg=name)
