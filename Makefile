@@ -15,7 +15,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: promote audit soak beta-sweep bench bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
+.PHONY: promote audit soak beta-sweep bench bench-abuse bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -146,6 +146,10 @@ bench-ood: install ## out-of-distribution AUROC of each score through the gRPC A
 bench-rpcs: install ## what Score, Reconstruct and Traverse cost beside Encode and Decode, on $(REPOSITORY)/$(NAME) (~2 min)
 	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
 	$(PY) -m bench.model_rpcs --model-dir $(SERVE_MODEL_DIR)
+
+bench-abuse: install ## a cheap caller's latency beside each hostile-caller attack, on $(REPOSITORY)/$(NAME) (~2 min) → bench/results/abuse.json
+	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
+	$(PY) -m bench.abuse --model-dir $(SERVE_MODEL_DIR)
 
 bench-train: install ## training benchmarks: samples/s vs the tutorial loop, then quality vs the tutorial recipe
 	$(PY) -m bench.train_speed

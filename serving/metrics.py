@@ -1,4 +1,4 @@
-"""Prometheus metrics on their own registry, served over HTTP on their own port.
+"""Prometheus metrics on their own registry (the process serves them on their own port).
 
 The names and label sets are a public contract: the dashboard (deploy/grafana/vae-service.json) and the
 alerts (deploy/prometheus/prometheusrule.yaml) use them; a change changes both, with the real-Prometheus
@@ -7,21 +7,23 @@ RPCs), code (gRPC status names), graph (encoder, decoder), and the model version
 version; "" for requests refused before a version took them). A version's series appear when it is loaded
 and are removed when it is unloaded, so swapping versions does not grow the registry. The process and
 platform collectors of the client library are registered too (CPU, memory, file descriptors, GC).
+
+The port that serves them is the process's: `serving/server/metrics_port.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 import prometheus_client as prom
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from contract.scores import BASELINE_QUANTILES, quantile_key
+
+log = logging.getLogger(__name__)
 
 GRAPHS = ("encoder", "decoder")
 LOAD_RESULTS = ("loaded", "failed")
@@ -135,16 +137,6 @@ class Metrics:
                 histogram = self._items[(method, version)] = self.request_items.labels(method, version)
             histogram.observe(items)
 
-    def serve(self, host: str, port: int) -> tuple[WSGIServer, int]:
-        """Start the /metrics HTTP server in a thread; returns it and the port it listens on.
-
-        Only GET /metrics is served; every other path is 404 (prometheus_client's own server answers any
-        path with the metrics, which would make the port look larger than it is).
-        """
-        server = make_server(host, port, metrics_only_app(self.registry), ThreadingWSGIServer, _QuietHandler)
-        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-        return server, server.server_address[1]
-
     # ModelObserver
     def model_loaded(self, name: str, version: int, provider: str, score_quantiles: Mapping[str, float]) -> None:
         """A version takes traffic: its info series, its score baseline, and zeros for its request series."""
@@ -235,26 +227,3 @@ class _VersionObserver:
     def inputs_scored(self, plugin_negative_elbo: np.ndarray) -> None:
         for value in plugin_negative_elbo.tolist():
             self._scores.observe(value)
-
-
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-def metrics_only_app(registry: prom.CollectorRegistry) -> WsgiApp:
-    """A WSGI app: prometheus_client's exposition at /metrics, 404 everywhere else."""
-    metrics_app = prom.make_wsgi_app(registry)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/metrics":
-            return metrics_app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: this port serves /metrics only\n"]
-
-    return app
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log line per scrape on stderr (the server's log is JSON lines)."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass

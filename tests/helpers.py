@@ -199,7 +199,9 @@ class DirectGraphs:
 def patient_config(model_dir: Path, max_batch_size: int) -> ServerConfig:
     """A server whose lone request waits 1.5 s for company (`fixed` wait), queueing at most 16 rows.
 
-    Only a full batch runs early, so what merges and what is refused is decided by row counts, not timing.
+    Only a full batch runs early, so what merges and what is refused is decided by row counts, not timing. One
+    connection may hold the whole queue (its tests are about the queue, one client's requests at a time; the
+    share of each connection has tests of its own).
     """
     return server_config(
         model_dir,
@@ -207,6 +209,7 @@ def patient_config(model_dir: Path, max_batch_size: int) -> ServerConfig:
         max_delay_ms=1500,
         batch_wait="fixed",
         max_queue_rows=16,
+        max_queue_share=1.0,
         max_items_per_request=16,
     )
 

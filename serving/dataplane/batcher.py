@@ -1,9 +1,10 @@
 """Dynamic batching: concurrent requests' rows merged into one model run, then split back.
 
-One `Batcher` per graph. Requests queue their rows (bounded: beyond `max_queue_rows` a request is refused
-with `Overloaded`); a worker task takes whole requests from the front, up to `max_batch_size` rows, runs
-them as one batch in a thread (onnxruntime releases the GIL, so the event loop keeps accepting requests)
-and hands each request its slice. While one batch runs the next one fills, so batches grow with load.
+One `Batcher` per graph. Requests queue their rows in a `FairQueue` (bounded: beyond `max_queue_rows` in
+all, or a connection's share of it, a request is refused with `Overloaded`); a worker task takes whole
+requests, each caller's in turn, up to `max_batch_size` rows, runs them as one batch in a thread (onnxruntime
+releases the GIL, so the event loop keeps accepting requests) and hands each request its slice. While one
+batch runs the next one fills, so batches grow with load.
 
 `batch_wait_seconds` decides whether queued rows run now or wait for more: under `adaptive` only when
 recent batches say more rows are coming, so a lone request never waits out the delay. Batches whose recent
@@ -16,23 +17,23 @@ part gained.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 
 from contract.settings import SettingError, check_settings, setting
-from serving.errors import DeadlineExceeded, NotReady, Overloaded
+from serving.dataplane.admission import CALLER
+from serving.dataplane.fair_queue import FairQueue, Outputs, QueuedRows
+from serving.errors import NotReady
 
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]  # rows [N, ...] → outputs, each [N, ...]
-Outputs = tuple[np.ndarray, ...]
 
 
 class BatchObserver(Protocol):
@@ -84,6 +85,14 @@ class BatchSettings:
     max_queue_rows: int = setting(
         4096, "rows waiting per graph, at most; beyond it RESOURCE_EXHAUSTED", minimum=1, metavar="ROWS"
     )
+    max_queue_share: float = setting(
+        0.5,
+        "the share of --max-queue-rows (and of --max-sample-streams) one connection may hold (a single larger "
+        "request is still let in when it holds nothing else); beyond it RESOURCE_EXHAUSTED",
+        above=0,
+        maximum=1,
+        metavar="X",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -126,18 +135,6 @@ def expected_rows(policy: BatchSettings, peak_rows: int, rows_during_run: int) -
     return min(expected, policy.max_batch_size)
 
 
-@dataclass(eq=False)
-class _Pending:
-    rows: np.ndarray
-    future: asyncio.Future[Outputs]
-    enqueued_at: float  # loop.time()
-    deadline: float | None  # loop.time() after which the result is useless
-    size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = len(self.rows)
-
-
 class Batcher:
     """Merges concurrent `run(rows)` calls for one graph into batched calls of `run_fn`."""
 
@@ -154,8 +151,7 @@ class Batcher:
         self._run_fn = run_fn
         self._executor = executor
         self._observer = observer or _NoObserver()
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._queued_rows = 0
+        self._queue = FairQueue(graph, policy.max_queue_rows, policy.max_queue_share)
         self._wakeup: asyncio.Future[None] | None = None
         self._wake_at_rows = 1  # queued rows at which `_enqueue` wakes a sleeping worker
         self._worker: asyncio.Task[None] | None = None
@@ -171,7 +167,7 @@ class Batcher:
 
     @property
     def queued_rows(self) -> int:
-        return self._queued_rows
+        return self._queue.rows
 
     def start(self) -> None:
         """Start the worker task on the running event loop."""
@@ -184,11 +180,9 @@ class Batcher:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
-        while self._queue:
-            item = self._queue.popleft()
+        for item in self._queue.drain():
             if not item.future.done():
                 item.future.set_exception(NotReady("the server is shutting down; retry on another replica"))
-        self._queued_rows = 0
 
     async def run(self, rows: np.ndarray, deadline: float | None = None) -> Outputs:
         """The outputs of `run_fn(rows)`, computed in batches shared with other callers.
@@ -201,13 +195,10 @@ class Batcher:
             raise ValueError("run() needs at least one row")
         if self._worker is None:
             raise NotReady(f"the {self.graph} batcher is not running")
-        if self._queued_rows + count > self.policy.max_queue_rows:
-            raise Overloaded(
-                f"server busy: the {self.graph} queue holds {self._queued_rows} rows and takes at most "
-                f"{self.policy.max_queue_rows}; retry with backoff or send smaller requests"
-            )
+        caller = CALLER.get()
+        self._queue.admit(caller, count)
         step = self.policy.max_batch_size
-        futures = [self._enqueue(rows[start : start + step], deadline) for start in range(0, count, step)]
+        futures = [self._enqueue(rows[start : start + step], deadline, caller) for start in range(0, count, step)]
         if len(futures) == 1:
             return await futures[0]
         try:
@@ -218,15 +209,14 @@ class Batcher:
             raise
         return tuple(np.concatenate(chunks) for chunks in zip(*parts, strict=True))
 
-    def _enqueue(self, rows: np.ndarray, deadline: float | None) -> asyncio.Future[Outputs]:
+    def _enqueue(self, rows: np.ndarray, deadline: float | None, caller: str) -> asyncio.Future[Outputs]:
         loop = asyncio.get_running_loop()
-        item = _Pending(rows, loop.create_future(), loop.time(), deadline)
-        self._queue.append(item)
-        self._queued_rows += item.size
-        self._observer.queue_depth(self.graph, self._queued_rows)
+        item = QueuedRows(rows, loop.create_future(), loop.time(), deadline, caller)
+        self._queue.push(item)
+        self._observer.queue_depth(self.graph, self._queue.rows)
         # Wake the worker when it waits on an empty queue, or waits for rows and enough are here now.
         wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done() and self._queued_rows >= self._wake_at_rows:
+        if wakeup is not None and not wakeup.done() and self._queue.rows >= self._wake_at_rows:
             wakeup.set_result(None)
         return item.future
 
@@ -238,11 +228,11 @@ class Batcher:
                 await self._sleep(None)
                 continue
             now = loop.time()
-            oldest = self._queue[0].enqueued_at
+            oldest = self._queue.oldest()
             gap_s = oldest - self._previous_ended_at
             during = self._rows_queued_at_end if gap_s < 0 else 0
             expected = expected_rows(self.policy, self._peak_rows, during)
-            wait_s = batch_wait_seconds(self.policy, self._queued_rows, now - oldest, expected, gap_s)
+            wait_s = batch_wait_seconds(self.policy, self._queue.rows, now - oldest, expected, gap_s)
             if wait_s > 0:  # wake early once the expected (adaptive) or a full batch is queued
                 self._wake_at_rows = expected if self.policy.batch_wait == "adaptive" else self.policy.max_batch_size
                 await self._sleep(wait_s)
@@ -261,7 +251,7 @@ class Batcher:
     def _batch_ended(self, rows: int, now: float) -> None:
         """Remember the batch for the adaptive policy: the largest within the horizon is what it expects."""
         self._previous_ended_at = now
-        self._rows_queued_at_end = self._queued_rows  # they arrived while it ran
+        self._rows_queued_at_end = self._queue.rows  # they arrived while it ran
         if rows >= self._peak_rows or now - self._peak_ended_at > self._peak_horizon_s:
             self._peak_rows, self._peak_ended_at = rows, now
 
@@ -277,24 +267,13 @@ class Batcher:
                 timer.cancel()
             self._wakeup = None
 
-    def _take(self, now: float) -> list[_Pending]:
-        """Pop whole requests up to max_batch_size rows, dropping cancelled and expired ones."""
-        batch: list[_Pending] = []
-        rows = 0
-        while self._queue and rows + self._queue[0].size <= self.policy.max_batch_size:
-            item = self._queue.popleft()
-            self._queued_rows -= item.size
-            if item.future.done():  # cancelled: the caller went away
-                continue
-            if item.deadline is not None and now >= item.deadline:
-                item.future.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue"))
-                continue
-            batch.append(item)
-            rows += item.size
-        self._observer.queue_depth(self.graph, self._queued_rows)
+    def _take(self, now: float) -> list[QueuedRows]:
+        """Whole requests up to max_batch_size rows, each caller's in turn (`FairQueue.take`)."""
+        batch = self._queue.take(self.policy.max_batch_size, now)
+        self._observer.queue_depth(self.graph, self._queue.rows)
         return batch
 
-    async def _run_batch(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_batch(self, batch: list[QueuedRows], loop: asyncio.AbstractEventLoop) -> None:
         inputs = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
         started_at = loop.time()
         estimate = self._run_seconds.get(len(inputs))

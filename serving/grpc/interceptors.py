@@ -1,10 +1,17 @@
 """What every RPC goes through before and after its handler, as one `grpc.aio.ServerInterceptor`.
 
-For every method whose request is one message (VaeService's and health's), bytes that are not a valid
-protobuf message get INVALID_ARGUMENT: gRPC by itself answers UNKNOWN with a message naming server
-internals. For VaeService's methods the interceptor also
+Every method whose request is one message (VaeService's and health's) is served as a request stream of one
+message, so that the server, not gRPC, reads that message: gRPC would hold a call that never sends it until
+the connection goes. Here the call waits for its message at most `--request-receive-timeout-seconds`, among
+at most `--max-pending-requests` such calls (`serving.dataplane.admission.PendingRequests`), and takes none
+of the slots that calls with their request need. Bytes that are not a valid protobuf message get
+INVALID_ARGUMENT (gRPC by itself answers UNKNOWN with a message naming server internals). For VaeService's
+methods the interceptor also
+- admits a call only once its message is there: within `--max-concurrent-rpcs` calls and
+  `--max-request-bytes-in-flight` request bytes at once, checked before the message is parsed;
 - refuses new calls with UNAVAILABLE while the server drains, and tells the drain when the calls it
   accepted have finished (`drain`);
+- names the call's caller (`serving.dataplane.admission.CALLER`, its connection) for the batchers' fair share;
 - turns whatever the handler raised into a status code and message (`serving.grpc.status`), so no
   stack trace leaves the server (unexpected errors are logged);
 - records the request metrics and, when asked, one JSON log line per request, with the version that took
@@ -20,37 +27,39 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 
 from serving.api import VERSION_METADATA
-from serving.errors import InvalidRequest, NotReady
+from serving.dataplane.admission import CALLER, Admission
+from serving.errors import InvalidRequest, NotReady, ServingError
 from serving.grpc.status import cancelled_status, is_unexpected, status_for
 from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 ItemCount = Callable[[Any], int]  # reply → images or latents it carries
-
-
-class _Malformed:
-    """What the wrapped parser returns for bytes that do not parse."""
-
-
-_MALFORMED = _Malformed()
+Parse = Callable[[bytes], Any]
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):
-    """Malformed-request guard for every unary-request method; admission, status, metrics and logs for `service`."""
+    """Request receipt and malformed-request guard for every unary-request method; admission, status, metrics
+    and logs for `service`."""
 
     def __init__(
-        self, service: str, metrics: Metrics, reply_items: Mapping[str, ItemCount], log_requests: bool = False
+        self,
+        service: str,
+        metrics: Metrics,
+        reply_items: Mapping[str, ItemCount],
+        admission: Admission,
+        log_requests: bool = False,
     ) -> None:
         self.service_prefix = f"/{service}/"
         self.metrics = metrics
         self.reply_items = reply_items
+        self.admission = admission
         self.log_requests = log_requests
         self.accepting = True  # False once draining: new calls get UNAVAILABLE
         self._accepted = 0  # accepted calls not finished yet: what a drain waits for
@@ -83,51 +92,71 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         return True
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        parse = handler.request_deserializer
-        message_type = getattr(getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None), "full_name", "request")
-        malformed = f"the request is not a valid {message_type} message (malformed protobuf bytes)"
-
-        def safe_parse(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except Exception:  # protobuf's DecodeError, whatever its implementation raises
-                return _MALFORMED
-
+        """The handler as a request stream of one message, which it reads itself (the module docstring)."""
+        parse = _safe(handler.request_deserializer)
+        serialize = handler.response_serializer
         if method.startswith(self.service_prefix):
             name = method[len(self.service_prefix) :]
-            return self._observed(name, handler, malformed)._replace(request_deserializer=safe_parse)
-        return _guarded(handler, malformed)._replace(request_deserializer=safe_parse)
-
-    def _observed(self, name: str, handler: grpc.RpcMethodHandler, malformed: str) -> grpc.RpcMethodHandler:
-        """The handler of one of the service's methods, run as a `_Call`."""
-        count = self.reply_items.get(name)
+            if handler.unary_unary is not None:
+                return grpc.stream_unary_rpc_method_handler(self._observed_unary(name, handler, parse), None, serialize)
+            return grpc.stream_stream_rpc_method_handler(self._observed_stream(name, handler, parse), None, serialize)
         if handler.unary_unary is not None:
-            behavior = handler.unary_unary
+            return grpc.stream_unary_rpc_method_handler(self._guarded_unary(handler, parse), None, serialize)
+        return grpc.stream_stream_rpc_method_handler(self._guarded_stream(handler, parse), None, serialize)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(self, name, context)
-                try:
-                    call.admit(request, malformed)
+    async def _receive(self, context: grpc.aio.ServicerContext) -> bytes:
+        """The call's request message, as bytes, within the receive bound (`PendingRequests`)."""
+        data = await self.admission.pending.receive(context.read, context.peer())
+        if data is grpc.aio.EOF:
+            raise InvalidRequest("the call ended without a request message")
+        return bytes(data)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, call: _Call, parse: Parse) -> AsyncIterator[Any]:
+        """A service call from its message to its end: received, admitted (a call slot and its bytes), parsed,
+        its caller named for the batchers; the slots are given back on leaving."""
+        if not self.accepting:
+            raise NotReady("the server is shutting down and accepts no new requests; retry on another replica")
+        data = await self._receive(call.context)
+        admission = self.admission
+        with admission.calls.hold(), admission.request_bytes.hold(len(data)):
+            call.accept()
+            request = parse(data)
+            CALLER.set(call.context.peer())
+            yield request
+
+    def _observed_unary(self, name: str, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
+        count = self.reply_items.get(name)
+        behavior = handler.unary_unary
+
+        async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(self, name, context)
+            try:
+                async with self._admitted(call, parse) as request:
                     reply = await behavior(request, context)
-                except BaseException as error:
-                    await call.failed(error)
-                    raise
-                call.succeeded(None if count is None else count(reply))
-                return reply
+            except BaseException as error:
+                await call.failed(error)
+                raise
+            call.succeeded(None if count is None else count(reply))
+            return reply
 
-            return handler._replace(unary_unary=unary_unary)
+        return unary
 
+    def _observed_stream(self, name: str, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
+        count = self.reply_items.get(name)
         stream = handler.unary_stream
         if not inspect.isasyncgenfunction(stream):
             raise TypeError(f"{name}: streaming handlers must be async generators")
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(self, name, context)
             items = 0
             try:
-                call.admit(request, malformed)
                 # aclosing: when gRPC closes this generator (the client left), the handler's closes at once
-                async with contextlib.aclosing(stream(request, context)) as replies:
+                async with (
+                    self._admitted(call, parse) as request,
+                    contextlib.aclosing(stream(request, context)) as replies,
+                ):
                     async for reply in replies:
                         items += 0 if count is None else count(reply)
                         yield reply
@@ -136,7 +165,33 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 raise
             call.succeeded(items)
 
-        return handler._replace(unary_stream=unary_stream)
+        return streaming
+
+    def _guarded_unary(self, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
+        """A unary handler of another service (health's Check): receipt bound and malformed guard only."""
+        behavior = handler.unary_unary
+
+        async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                request = parse(await self._receive(context))
+            except ServingError as error:  # malformed, never sent, or pushed out by newer calls
+                await context.abort(*status_for(error))
+            return await behavior(request, context)
+
+        return unary
+
+    def _guarded_stream(self, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
+        """A server-streaming handler of another service (health's Watch, which writes with context.write)."""
+        behavior = handler.unary_stream
+
+        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            try:
+                request = parse(await self._receive(context))
+            except ServingError as error:  # malformed, never sent, or pushed out by newer calls
+                await context.abort(*status_for(error))
+            await behavior(request, context)
+
+        return streaming
 
     def _call_started(self) -> None:
         self._accepted += 1
@@ -146,6 +201,20 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self._accepted -= 1
         if self._accepted == 0:
             self._idle.set()
+
+
+def _safe(deserialize: Callable[[bytes], Any]) -> Parse:
+    """The request parser, raising InvalidRequest naming the message type for bytes that do not parse."""
+    message_type = getattr(getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None), "full_name", "request")
+    malformed = f"the request is not a valid {message_type} message (malformed protobuf bytes)"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # protobuf's DecodeError, whatever its implementation raises
+            raise InvalidRequest(malformed) from None
+
+    return parse
 
 
 class _Call:
@@ -161,12 +230,8 @@ class _Call:
         self.accepted = False
         interceptor.metrics.inflight.inc()
 
-    def admit(self, request: Any, malformed: str) -> None:
-        """Raise for a request that does not parse, or when the server drains; else count it as accepted."""
-        if request is _MALFORMED:
-            raise InvalidRequest(malformed)
-        if not self.interceptor.accepting:
-            raise NotReady("the server is shutting down and accepts no new requests; retry on another replica")
+    def accept(self) -> None:
+        """Count the call as accepted: a drain waits for it."""
         self.accepted = True
         self.interceptor._call_started()
 
@@ -209,29 +274,3 @@ def _served_version(context: grpc.aio.ServicerContext) -> str:
         if key == VERSION_METADATA:
             return str(value)
     return ""
-
-
-def _guarded(handler: grpc.RpcMethodHandler, malformed: str) -> grpc.RpcMethodHandler:
-    """A handler of another service (health) whose malformed requests get INVALID_ARGUMENT."""
-
-    async def refuse(context: grpc.aio.ServicerContext) -> None:
-        await context.abort(*status_for(InvalidRequest(malformed)))
-
-    if handler.unary_unary is not None:
-        unary = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request is _MALFORMED:
-                await refuse(context)
-            return await unary(request, context)
-
-        return handler._replace(unary_unary=unary_unary)
-
-    stream = handler.unary_stream
-
-    async def stream_writes(request: Any, context: grpc.aio.ServicerContext) -> Any:  # health's Watch writes
-        if request is _MALFORMED:
-            await refuse(context)
-        return await stream(request, context)
-
-    return handler._replace(unary_stream=stream_writes)

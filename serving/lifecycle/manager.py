@@ -161,7 +161,9 @@ class ModelManager:
         self._failed: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}  # version → (files, reason)
         self._labels_problem: str | None = None  # why labels.json was last unreadable (logged once per problem)
         self._ignored_dirs: set[str] = set()  # directories named beyond MAX_VERSION, logged once
-        self.stream_slots = Slots(limits.max_sample_streams, "SampleStream calls")  # shared by every version
+        # Shared by every version; one connection gets the share of them it gets of the batchers' queues.
+        per_connection = max(1, int(batching.max_queue_share * limits.max_sample_streams))
+        self.stream_slots = Slots(limits.max_sample_streams, "SampleStream calls", per_connection)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._loader_closed = False
         self._refreshing = asyncio.Lock()

@@ -21,8 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -41,7 +40,10 @@ from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
 from serving.lifecycle.manager import ModelManager, VersionState
 from serving.metrics import Metrics
 from serving.server.config import ServerConfig, load_config
+from serving.server.connections import ensure_file_descriptors, grpc_options, health_options
+from serving.server.housekeeping import follow_saturation, release_memory_after_bursts
 from serving.server.logs import setup_logging
+from serving.server.metrics_port import serve_metrics_port
 from serving.server.tls import server_credentials
 
 log = logging.getLogger("serving")
@@ -66,6 +68,7 @@ class RunningServer:
     executor: ThreadPoolExecutor
     health_server: grpc.aio.Server | None = None  # the plaintext health-only listener (--health-port)
     health_port: int | None = None
+    housekeeping: list[asyncio.Task[None]] = field(default_factory=list)  # serving.server.housekeeping's tasks
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let those in flight finish within the grace period, stop."""
@@ -73,6 +76,8 @@ class RunningServer:
         started = time.perf_counter()
         log.info("server_draining", extra={"fields": {"grace_seconds": grace}})
         await self.health.enter_graceful_shutdown()
+        for task in self.housekeeping:
+            task.cancel()
         # Finish the accepted calls while their connections stay open, and give clients a moment to read the
         # last replies before gRPC closes the connections: a reply still unread by the client when its
         # connection is reset is lost (seen under load), although the server answered it.
@@ -86,22 +91,6 @@ class RunningServer:
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
         log.info("server_stopped", extra={"fields": {"drain_seconds": round(time.perf_counter() - started, 3)}})
-
-
-def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    """Channel options of the server: explicit message size limits (gRPC answers RESOURCE_EXHAUSTED beyond),
-    and a maximum connection age, after which clients reconnect (and client-side balancers see new pods)."""
-    network = config.network
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", network.max_message_bytes),
-        ("grpc.max_send_message_length", network.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
-        ("grpc.max_concurrent_streams", network.max_concurrent_streams),  # per connection: one client's share
-    ]
-    if network.max_connection_age_seconds > 0:  # 0: connections live as long as the client keeps them
-        age_ms = int(network.max_connection_age_seconds * 1000)
-        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
-    return options
 
 
 def largest_reply_bytes(latent_dim: int, image_shape: Sequence[int], items: int) -> int:
@@ -129,12 +118,11 @@ async def build_grpc_server(
     config: ServerConfig, models: ModelManager, metrics: Metrics
 ) -> tuple[grpc.aio.Server, RequestInterceptor, health_aio.HealthServicer]:
     """VaeService behind the request interceptor, health (NOT_SERVING until started) and reflection."""
-    interceptor = RequestInterceptor(SERVICE_NAME, metrics, REPLY_ITEMS, config.process.log_requests)
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=grpc_options(config),
-        maximum_concurrent_rpcs=config.network.max_concurrent_rpcs,
-    )
+    admission = config.admission.build()
+    interceptor = RequestInterceptor(SERVICE_NAME, metrics, REPLY_ITEMS, admission, config.process.log_requests)
+    # No maximum_concurrent_rpcs: gRPC would count a call from its first byte, so calls that never send their
+    # message could take every slot; the interceptor counts calls with their message (--max-concurrent-rpcs).
+    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(config))
     pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(models), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -151,12 +139,13 @@ async def start_health_listener(
     """The --health-port listener: plaintext, grpc.health.v1 only, sharing the main port's health status.
 
     The kubelet's gRPC probes speak neither TLS nor mutual TLS; this port lets them ask whatever the gRPC port
-    requires, and reveals nothing but the serving status. It is a server of its own, so probes are neither
-    counted against --max-concurrent-rpcs nor seen by the request interceptor.
+    requires, and reveals nothing but the serving status. It is a server of its own, with connections of its
+    own (`serving.server.connections.health_options`), so a flood of connections to the gRPC port leaves it
+    answering.
     """
     if config.network.health_port is None:
         return None, None
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=health_options(config))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{config.network.host}:{config.network.health_port}"
     try:
@@ -186,7 +175,7 @@ def listen(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.Serv
 def serve_metrics(metrics: Metrics, config: ServerConfig) -> tuple[WSGIServer, int]:
     host, port = config.network.host, config.network.metrics_port
     try:
-        return metrics.serve(host, port)
+        return serve_metrics_port(metrics.registry, host, port, config.network.max_metrics_connections)
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -197,6 +186,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     Raises ModelRepositoryError, ProviderUnavailable or StartupError, each with a one-line message.
     """
     started = time.perf_counter()
+    ensure_file_descriptors(config)
     credentials = server_credentials(config.tls)  # a bad TLS file fails before the model is loaded
     metrics = Metrics(SERVICE_METHODS)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
@@ -218,6 +208,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await server.start()
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    loop = asyncio.get_running_loop()
+    housekeeping = [
+        loop.create_task(follow_saturation(health, interceptor.admission), name="readiness"),
+        loop.create_task(release_memory_after_bursts(interceptor.admission), name="memory-release"),
+    ]
     log.info(
         "server_started",
         extra={
@@ -245,6 +240,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         executor,
         health_server,
         health_port,
+        housekeeping,
     )
 
 

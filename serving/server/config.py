@@ -4,10 +4,10 @@
     make docs                              regenerates docs/configuration.md from these definitions
 
 Each setting is defined once, in the dataclass of the component that uses it (`RepositorySettings` in the model
-manager, `BatchSettings` in the batcher, `RuntimeSettings` in the runtime, `LimitSettings` and `TelemetrySettings`
-in the engine, the process's own below), and the server hands each component its section as it is. A flag
-wins over its variable, the variable over the default; a bad value stops the server with one line
-naming the flag or variable.
+manager, `AdmissionSettings` in the admission, `BatchSettings` in the batcher, `RuntimeSettings` in the runtime,
+`LimitSettings` and `TelemetrySettings` in the engine, the process's own below), and the server hands each
+component its section as it is. A flag wins over its variable, the variable over the default; a bad value stops
+the server with one line naming the flag or variable.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from typing import Literal
 
 from contract import settings
 from contract.settings import SettingError, check_settings, section, setting
+from serving.dataplane.admission import AdmissionSettings
 from serving.dataplane.batcher import BatchSettings
 from serving.dataplane.engine import LimitSettings, TelemetrySettings
 from serving.dataplane.runtime import RuntimeSettings
 from serving.lifecycle.manager import RepositorySettings
+from serving.server.metrics_port import DEFAULT_MAX_METRICS_CONNECTIONS, METRICS_TIMEOUT_SECONDS
 
 ENV_PREFIX = "VAE_"
 
@@ -38,6 +40,14 @@ class NetworkSettings:
     )
     metrics_port: int = setting(
         9090, "Prometheus /metrics HTTP port (0: any free port)", minimum=0, maximum=65535, metavar="PORT"
+    )
+    max_metrics_connections: int = setting(
+        DEFAULT_MAX_METRICS_CONNECTIONS,
+        f"connections the metrics port holds at once, at most: each has {METRICS_TIMEOUT_SECONDS:g} s to send its "
+        "request and again to take its reply, and takes a thread only once its request is in; beyond it a new "
+        "connection closes the one waiting longest for its request (or itself, when all are being answered)",
+        minimum=1,
+        metavar="N",
     )
     health_port: int | None = setting(
         None,
@@ -55,16 +65,39 @@ class NetworkSettings:
         metavar="BYTES",
         shown_default="16777216 (16 MiB)",
     )
-    max_concurrent_rpcs: int = setting(
-        1000, "RPCs handled at once over all connections, at most; beyond it RESOURCE_EXHAUSTED", minimum=1
-    )
     max_concurrent_streams: int = setting(
         100, "HTTP/2 streams (calls) open at once on one client connection, at most; more wait in the client", minimum=1
+    )
+    max_connections: int = setting(
+        1000,
+        "client connections the gRPC port holds at once, at most; beyond it new ones are closed at once. Keep it "
+        "below the process's file descriptor limit (ulimit -n): start-up checks that it leaves room",
+        minimum=1,
+        metavar="N",
+    )
+    handshake_timeout_seconds: float = setting(
+        5.0,
+        "a new connection that has not completed its TLS and HTTP/2 handshake (the client's preface) by then is closed",
+        above=0,
+        metavar="S",
+    )
+    max_connection_idle_seconds: float = setting(
+        60.0,
+        "close a client connection that has had no call for this long (gracefully); 0: never",
+        minimum=0,
+        metavar="S",
     )
     max_connection_age_seconds: float = setting(
         300.0,
         "close client connections after this long (gracefully), so clients re-resolve and spread over new pods; "
         "0: never",
+        minimum=0,
+        metavar="S",
+    )
+    max_connection_age_grace_seconds: float = setting(
+        30.0,
+        "after --max-connection-age-seconds, how long the calls already on the connection may take to finish "
+        "before it is closed (a SampleStream cut then resumes at its offset)",
         minimum=0,
         metavar="S",
     )
@@ -130,6 +163,7 @@ class ServerConfig:
 
     repository: RepositorySettings = section(RepositorySettings, "model repository")
     network: NetworkSettings = section(NetworkSettings, "network")
+    admission: AdmissionSettings = section(AdmissionSettings, "admission")
     tls: TlsSettings = section(TlsSettings, "TLS")
     runtime: RuntimeSettings = section(RuntimeSettings, "onnxruntime")
     batching: BatchSettings = section(BatchSettings, "batching")

@@ -199,7 +199,8 @@ def test_the_stream_cap_counts_every_version_served(model_dir: Path) -> None:
     """With two versions loaded (latest:2, or any swap), the cap is still the server's, not each version's."""
     publish_copy(model_dir, 2)
     with (
-        running_server(model_dir, max_sample_streams=2, version_policy="latest:2") as server,
+        # one connection may hold every slot here: the cap over versions is what is tested, not the share
+        running_server(model_dir, max_sample_streams=2, version_policy="latest:2", max_queue_share=1.0) as server,
         VaeClient(server.target) as client,
     ):
         on_one, on_two = client.using(model_version=1), client.using(model_version=2)
@@ -212,6 +213,24 @@ def test_the_stream_cap_counts_every_version_served(model_dir: Path) -> None:
                 next(version.sample_stream(10, seed=2))
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "2 SampleStream calls are running and this server runs at most 2 at once" in refused.value.details
+        for stream in streams:
+            stream.close()
+        wait_until(lambda: server.running.models.stream_slots.in_use == 0, what="the streams to end")
+
+
+def test_one_connection_runs_only_its_share_of_the_sample_streams(exported_repository: Path) -> None:
+    """64 streams at once from one client used to take every slot; one connection gets --max-queue-share of them."""
+    with (
+        running_server(exported_repository, max_sample_streams=4, max_queue_share=0.5) as server,
+        VaeClient(server.target) as client,
+    ):
+        streams = [client.sample_stream(10_000, seed=1) for _ in range(2)]
+        for stream in streams:
+            next(stream)
+        with pytest.raises(VaeError) as refused:
+            next(client.sample_stream(10, seed=2))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this connection runs 2 SampleStream calls and one connection may run at most 2" in refused.value.details
         for stream in streams:
             stream.close()
         wait_until(lambda: server.running.models.stream_slots.in_use == 0, what="the streams to end")
@@ -232,22 +251,24 @@ def test_rpcs_beyond_the_concurrency_cap_get_resource_exhausted(exported_reposit
         assert client.decode(latents).images.shape == (1, 1, 28, 28)
 
 
-def test_the_health_port_answers_while_the_grpc_port_is_at_its_concurrency_cap(exported_repository: Path) -> None:
-    """A probe on the gRPC port counts against --max-concurrent-rpcs; an overloaded pod would fail liveness."""
+def test_readiness_leaves_serving_while_every_call_slot_is_taken_and_comes_back(exported_repository: Path) -> None:
+    """At the concurrency cap the port refuses every new call: readiness (VaeService's status) says so on both
+    ports, liveness ("") stays SERVING (busy, not broken), and readiness returns once a slot is free."""
     latents = np.zeros((1, 20), np.float32)
     with (
         running_server(
-            exported_repository, max_concurrent_rpcs=2, max_delay_ms=1000, batch_wait="fixed", health_port=0
+            exported_repository, max_concurrent_rpcs=2, max_delay_ms=3000, batch_wait="fixed", health_port=0
         ) as server,
         VaeClient(server.target, retries=0) as client,
     ):
+        readiness = "vae.v1.VaeService"
         stub_calls = [client._stub.Decode.future(_decode_request(latents), timeout=20) for _ in range(2)]
         wait_until(lambda: server.metric("vae_queue_depth", graph="decoder") == 2, what="two requests queued")
-        with pytest.raises(grpc.RpcError) as refused:
-            plaintext_health(server.running.grpc_port)
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert plaintext_health(health_port(server)) == "SERVING"
+        wait_until(lambda: plaintext_health(health_port(server), readiness) == "NOT_SERVING", what="not ready")
+        assert plaintext_health(server.running.grpc_port, readiness) == "NOT_SERVING"  # the probe is not refused
+        assert plaintext_health(health_port(server)) == plaintext_health(server.running.grpc_port) == "SERVING"
         assert all(call.result().images.shape == [1, 1, 28, 28] for call in stub_calls)
+        wait_until(lambda: plaintext_health(health_port(server), readiness) == "SERVING", what="ready again")
 
 
 def _decode_request(latents: np.ndarray) -> object:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from serving.dataplane.admission import CALLER
 from serving.dataplane.batcher import Batcher, BatchSettings, batch_wait_seconds, expected_rows
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
@@ -222,7 +223,8 @@ async def test_a_large_request_is_split_into_chunks_of_max_batch_size() -> None:
 
 async def test_full_queue_refuses_with_overloaded() -> None:
     model = FakeModel()
-    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=5000, max_queue_rows=8), model)
+    policy = BatchSettings(max_batch_size=8, max_delay_ms=5000, max_queue_rows=8, max_queue_share=1.0)
+    batcher = await started(policy, model)
     running = await hold_worker(batcher, model)
     waiting = asyncio.ensure_future(batcher.run(rows(6)))
     await asyncio.sleep(0)
@@ -303,3 +305,44 @@ def test_policy_rejects_a_queue_smaller_than_a_batch_and_negative_times() -> Non
         BatchSettings(max_batch_size=64, max_queue_rows=8)
     with pytest.raises(ValueError, match="inline_max_ms"):
         BatchSettings(inline_max_ms=-1)
+
+
+def run_as(caller: str, batcher: Batcher, x: np.ndarray) -> asyncio.Future[tuple[np.ndarray, ...]]:
+    """`batcher.run(x)` in a task of its own, for `caller` (as the transport names a call's connection)."""
+    token = CALLER.set(caller)
+    try:
+        return asyncio.ensure_future(batcher.run(x))  # the task copies the context, caller included
+    finally:
+        CALLER.reset(token)
+
+
+async def test_a_small_request_does_not_wait_behind_another_caller_s_bulk() -> None:
+    model = FakeModel()
+    batcher = await started(BatchSettings(max_batch_size=8, max_delay_ms=0, max_queue_rows=64), model)
+    running = await hold_worker(batcher, model)
+    bulk = run_as("bulk", batcher, rows(32))  # four full batches
+    await asyncio.sleep(0)
+    cheap = run_as("cheap", batcher, rows(1, start=500.0))
+    await asyncio.sleep(0)
+    model.gate.set()
+    (doubled, _) = await asyncio.wait_for(cheap, timeout=5)
+    np.testing.assert_array_equal(doubled, rows(1, start=500.0) * 2.0)
+    await asyncio.wait_for(asyncio.gather(running, bulk), timeout=5)
+    # the held run, one of the bulk's batches, then the cheap row: its turn came before the rest of the bulk
+    assert model.batches[:3] == [1, 8, 1] and model.batches[3:] == [8, 8, 8]
+    await batcher.close()
+
+
+async def test_one_connection_may_hold_only_its_share_of_the_queue() -> None:
+    model = FakeModel()
+    policy = BatchSettings(max_batch_size=8, max_delay_ms=5000, max_queue_rows=16, max_queue_share=0.5)
+    batcher = await started(policy, model)
+    running = await hold_worker(batcher, model)
+    first = run_as("greedy", batcher, rows(12))  # more than its share, but it held nothing: let in
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match=r"this connection has 12 rows queued .* at most 8 of the 16"):
+        await run_as("greedy", batcher, rows(1))
+    other = run_as("other", batcher, rows(4))  # another connection's rows still fit
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, first, other), timeout=5)
+    await batcher.close()

@@ -104,24 +104,51 @@ def test_server_exits_2_with_one_line_for_a_bad_variable() -> None:
     assert result.stderr == "error: VAE_MAX_BATCH_SIZE='lots' is not an integer\n"
 
 
-def test_connection_age_becomes_grpc_server_options() -> None:
-    from serving.server.app import grpc_options
+def test_connection_bounds_become_grpc_server_options() -> None:
+    from serving.server.connections import grpc_options
 
-    options = dict(grpc_options(load_config(["--max-connection-age-seconds", "1.5"], {})))
-    assert options["grpc.max_connection_age_ms"] == 1500 and options["grpc.max_connection_age_grace_ms"] == 1500
-    assert "grpc.max_connection_age_ms" not in dict(
-        grpc_options(load_config([], {"VAE_MAX_CONNECTION_AGE_SECONDS": "0"}))
+    flags = ["--max-connection-age-seconds", "1.5", "--max-connection-age-grace-seconds", "0.5"]
+    flags += ["--max-connections", "40", "--handshake-timeout-seconds", "2", "--max-connection-idle-seconds", "9"]
+    options = dict(grpc_options(load_config(flags, {})))
+    assert options["grpc.max_connection_age_ms"] == 1500 and options["grpc.max_connection_age_grace_ms"] == 500
+    assert options["grpc.max_allowed_incoming_connections"] == 40
+    assert options["grpc.server_handshake_timeout_ms"] == 2000 and options["grpc.max_connection_idle_ms"] == 9000
+    never = dict(
+        grpc_options(load_config([], {"VAE_MAX_CONNECTION_AGE_SECONDS": "0", "VAE_MAX_CONNECTION_IDLE_SECONDS": "0"}))
     )
+    assert "grpc.max_connection_age_ms" not in never and "grpc.max_connection_idle_ms" not in never
     with pytest.raises(SettingError, match="max-connection-age-seconds"):
         load_config(["--max-connection-age-seconds", "-1"], {})
+    with pytest.raises(SettingError, match="handshake-timeout-seconds"):
+        load_config(["--handshake-timeout-seconds", "0"], {})
 
 
 def test_limits_have_safe_defaults() -> None:
-    from serving.server.app import grpc_options
+    from serving.server.connections import grpc_options
 
     config = ServerConfig()
     assert config.network.max_message_bytes == 16 * 1024 * 1024 and config.limits.max_items_per_request == 1024
-    assert config.network.max_concurrent_rpcs == 1000 and config.limits.max_sample_streams == 64
+    assert config.admission.max_concurrent_rpcs == 1000 and config.limits.max_sample_streams == 64
+    assert config.admission.request_receive_timeout_seconds == 10 and config.admission.max_pending_requests == 1000
+    assert config.admission.max_request_bytes_in_flight == 64 * 1024 * 1024
     options = dict(grpc_options(config))
-    assert options["grpc.max_concurrent_streams"] == 100
+    assert options["grpc.max_concurrent_streams"] == 100 and options["grpc.max_allowed_incoming_connections"] == 1000
+    assert options["grpc.server_handshake_timeout_ms"] == 5000 and options["grpc.max_connection_idle_ms"] == 60_000
+    assert options["grpc.max_connection_age_ms"] == 300_000 and options["grpc.max_connection_age_grace_ms"] == 30_000
     assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 16 * 1024 * 1024
+
+
+def test_start_up_raises_the_descriptor_limit_or_refuses_what_it_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from serving.errors import StartupError
+    from serving.server.connections import descriptors_needed, ensure_file_descriptors
+
+    limits = {"soft": 1024, "hard": 4096}
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (limits["soft"], limits["hard"]))
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, value: limits.update(soft=value[0]))
+    config = ServerConfig()
+    ensure_file_descriptors(config)
+    assert limits["soft"] == descriptors_needed(config) == 1000 + 16 + 256
+    with pytest.raises(StartupError, match=r"--max-connections \(5000\) needs 5272 file descriptors .* lower "):
+        ensure_file_descriptors(load_config(["--max-connections", "5000"], {}))
