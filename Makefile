@@ -7,8 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The gRPC contract and its generated Python package (not committed; `make install` writes it).
-PROTO_SRC := proto/vae/v1/vae.proto
-PROTO_OUT := serving/proto/vae/v1/vae_pb2_grpc.py
+PROTO_SRC := proto/vae/v1/vae.proto proto/inference/grpc_service.proto
+PROTO_OUT := serving/proto/inference/grpc_service_pb2_grpc.py
 
 RUNS_DIR ?= runs
 REPOSITORY ?= models
@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[gpu,training,dev]'
 	touch $@
 
-proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae/v1/vae.proto
+proto: $(PROTO_OUT) ## generate serving/proto/ (Python gRPC code) from proto/vae/v1/vae.proto and proto/inference/grpc_service.proto
 
 $(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
 	$(PY) -m serving.codegen

@@ -183,8 +183,9 @@ class AdmissionSettings:
 
     max_concurrent_rpcs: int = setting(
         1000,
-        "VaeService calls with their request running at once, at most; beyond it RESOURCE_EXHAUSTED (a call "
-        "waiting for its message takes no slot)",
+        "calls with their request running at once (VaeService's and the Open Inference Protocol's; each "
+        "ModelStreamInfer request counts as one), at most; beyond it RESOURCE_EXHAUSTED (a call waiting for its "
+        "message takes no slot)",
         minimum=1,
         metavar="N",
     )
@@ -208,6 +209,14 @@ class AdmissionSettings:
         minimum=1,
         metavar="BYTES",
         shown_default="67108864 (64 MiB)",
+    )
+
+    max_stream_requests_in_flight: int = setting(
+        16,
+        "ModelStreamInfer requests one stream runs at once, at most; the stream reads no further message until "
+        "one finishes",
+        minimum=1,
+        metavar="N",
     )
 
     def __post_init__(self) -> None:

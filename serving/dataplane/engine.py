@@ -54,8 +54,8 @@ class LimitSettings:
     max_stream_samples: int = setting(1_000_000, "SampleStream num_samples, at most", minimum=1, metavar="N")
     max_sample_streams: int = setting(
         64,
-        "SampleStream calls running at once over the whole server (all versions), at most; beyond it "
-        "RESOURCE_EXHAUSTED",
+        "streaming calls (SampleStream and the Open Inference Protocol's ModelStreamInfer) running at once over "
+        "the whole server (all versions), at most; beyond it RESOURCE_EXHAUSTED",
         minimum=1,
         metavar="N",
     )

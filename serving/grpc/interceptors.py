@@ -1,12 +1,12 @@
 """What every RPC goes through before and after its handler, as one `grpc.aio.ServerInterceptor`.
 
-Every method whose request is one message (VaeService's and health's) is served as a request stream of one
-message, so that the server, not gRPC, reads that message: gRPC would hold a call that never sends it until
-the connection goes. Here the call waits for its message at most `--request-receive-timeout-seconds`, among
-at most `--max-pending-requests` such calls (`serving.dataplane.admission.PendingRequests`), and takes none
-of the slots that calls with their request need. Bytes that are not a valid protobuf message get
-INVALID_ARGUMENT (gRPC by itself answers UNKNOWN with a message naming server internals). For VaeService's
-methods the interceptor also
+Every method whose request is one message (VaeService's, GRPCInferenceService's and health's) is served as a request
+stream of one message, so that the server, not gRPC, reads that message: gRPC would hold a call that never sends it
+until the connection goes. Here the call waits for its message at most `--request-receive-timeout-seconds`, among at
+most `--max-pending-requests` such calls (`serving.dataplane.admission.PendingRequests`), and takes none of the
+slots that calls with their request need. Bytes that are not a valid protobuf message get INVALID_ARGUMENT (gRPC by
+itself answers UNKNOWN with a message naming server internals). For the methods of the served APIs (VaeService and
+the Open Inference Protocol's GRPCInferenceService) the interceptor also
 - admits a call only once its message is there: within `--max-concurrent-rpcs` calls and
   `--max-request-bytes-in-flight` request bytes at once, checked before the message is parsed;
 - refuses new calls with UNAVAILABLE while the server drains, and tells the drain when the calls it
@@ -27,7 +27,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -46,17 +46,17 @@ Parse = Callable[[bytes], Any]
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):
     """Request receipt and malformed-request guard for every unary-request method; admission, status, metrics
-    and logs for `service`."""
+    and logs for the methods of `services`."""
 
     def __init__(
         self,
-        service: str,
+        services: Sequence[str],
         metrics: Metrics,
         reply_items: Mapping[str, ItemCount],
         admission: Admission,
         log_requests: bool = False,
     ) -> None:
-        self.service_prefix = f"/{service}/"
+        self.service_prefixes = tuple(f"/{service}/" for service in services)
         self.metrics = metrics
         self.reply_items = reply_items
         self.admission = admission
@@ -76,9 +76,14 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         handler = self._handlers.get(method)
         if handler is None:
             handler = await continuation(handler_call_details)
-            if handler is None or handler.request_streaming or handler.request_deserializer is None:
-                return handler  # unknown methods, and reflection (streaming requests): as gRPC has them
-            handler = self._wrap(method, handler)
+            if handler is None or handler.request_deserializer is None:
+                return handler  # unknown methods: as gRPC has them
+            if handler.request_streaming:
+                if not method.startswith(self.service_prefixes):
+                    return handler  # reflection: as gRPC has it
+                handler = self._observed_bidi(method.rsplit("/", 1)[1], handler)
+            else:
+                handler = self._wrap(method, handler)
             self._handlers[method] = handler
         return handler
 
@@ -95,8 +100,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         """The handler as a request stream of one message, which it reads itself (the module docstring)."""
         parse = _safe(handler.request_deserializer)
         serialize = handler.response_serializer
-        if method.startswith(self.service_prefix):
-            name = method[len(self.service_prefix) :]
+        if method.startswith(self.service_prefixes):
+            name = method.rsplit("/", 1)[1]
             if handler.unary_unary is not None:
                 return grpc.stream_unary_rpc_method_handler(self._observed_unary(name, handler, parse), None, serialize)
             return grpc.stream_stream_rpc_method_handler(self._observed_stream(name, handler, parse), None, serialize)
@@ -166,6 +171,36 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             call.succeeded(items)
 
         return streaming
+
+    def _observed_bidi(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A stream of requests (ModelStreamInfer): refused while draining, its caller named, its end counted
+        and logged as one call; gRPC reads its messages, and the handler admits each (a call slot and its bytes)
+        and answers each failure in the stream."""
+        stream = handler.stream_stream
+        if not inspect.isasyncgenfunction(stream):
+            raise TypeError(f"{name}: streaming handlers must be async generators")
+        count = self.reply_items.get(name)
+
+        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(self, name, context)
+            items = 0
+            try:
+                if not self.accepting:
+                    raise NotReady("the server is shutting down and accepts no new requests; retry on another replica")
+                call.accept()
+                CALLER.set(context.peer())
+                async with contextlib.aclosing(stream(requests, context)) as replies:
+                    async for reply in replies:
+                        items += 0 if count is None else count(reply)
+                        yield reply
+            except BaseException as error:
+                await call.failed(error)
+                raise
+            call.succeeded(items)
+
+        return grpc.stream_stream_rpc_method_handler(
+            streaming, handler.request_deserializer, handler.response_serializer
+        )
 
     def _guarded_unary(self, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
         """A unary handler of another service (health's Check): receipt bound and malformed guard only."""

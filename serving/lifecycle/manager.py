@@ -163,7 +163,7 @@ class ModelManager:
         self._ignored_dirs: set[str] = set()  # directories named beyond MAX_VERSION, logged once
         # Shared by every version; one connection gets the share of them it gets of the batchers' queues.
         per_connection = max(1, int(batching.max_queue_share * limits.max_sample_streams))
-        self.stream_slots = Slots(limits.max_sample_streams, "SampleStream calls", per_connection)
+        self.stream_slots = Slots(limits.max_sample_streams, "streaming calls", per_connection)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._loader_closed = False
         self._refreshing = asyncio.Lock()
@@ -249,9 +249,9 @@ class ModelManager:
             if served.retired and served.leases == 0:
                 self._close_soon(served)
 
-    def engine(self, version: int | None = None) -> VaeEngine:
-        """The engine serving `version` (None: the default route's) now, for a look at its state."""
-        return self._resolve(version, None).engine
+    def engine(self, version: int | None = None, label: str | None = None) -> VaeEngine:
+        """The engine serving `version` or `label` (neither: the default route's) now, for a look at its state."""
+        return self._resolve(version, label).engine
 
     def status(self) -> list[VersionStatus]:
         """Every version served, unloading or failed, newest first."""

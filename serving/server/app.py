@@ -14,6 +14,7 @@ are JSON, one per event, on stderr.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import math
 import signal
@@ -32,13 +33,15 @@ from grpc_reflection.v1alpha import reflection
 from contract import settings
 from contract.repository import ModelRepositoryError, ModelVersion
 from contract.settings import SettingError
-from serving.api import SERVICE_METHODS, SERVICE_NAME, pb_grpc
+from serving.api import OIP_SERVICE_NAME, SERVICE_METHODS, SERVICE_NAME, oip_grpc, pb_grpc
 from serving.dataplane.runtime import ProviderUnavailable
 from serving.errors import StartupError
 from serving.grpc.interceptors import RequestInterceptor
+from serving.grpc.oip_servicer import InferenceServicer, reply_items
 from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
 from serving.lifecycle.manager import ModelManager, VersionState
 from serving.metrics import Metrics
+from serving.oip.models import Catalogue
 from serving.server.config import ServerConfig, load_config
 from serving.server.connections import ensure_file_descriptors, grpc_options, health_options
 from serving.server.housekeeping import follow_saturation, release_memory_after_bursts
@@ -50,6 +53,22 @@ log = logging.getLogger("serving")
 
 DRAIN_LINGER_SECONDS = 0.25  # after the last accepted call, before connections close
 HEALTH_SERVICES = ("", SERVICE_NAME)
+OIP_INFER_METHODS = ("ModelInfer", "ModelStreamInfer")  # the protocol's methods that do the model's work
+
+
+def package_version() -> str:
+    """This server's version (the package's), as ServerMetadata reports it."""
+    try:
+        return importlib.metadata.version("vae-service")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a tree never installed
+        return "unknown"
+
+
+async def is_serving(health: health_aio.HealthServicer) -> bool:
+    """Whether readiness (VaeService's health status) is SERVING: what the protocol's ServerReady answers."""
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    reply = await health.Check(request, None)  # a registered service: the context is not used
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
@@ -119,17 +138,28 @@ async def build_grpc_server(
 ) -> tuple[grpc.aio.Server, RequestInterceptor, health_aio.HealthServicer]:
     """VaeService behind the request interceptor, health (NOT_SERVING until started) and reflection."""
     admission = config.admission.build()
-    interceptor = RequestInterceptor(SERVICE_NAME, metrics, REPLY_ITEMS, admission, config.process.log_requests)
+    reply_counts = {**REPLY_ITEMS, "ModelInfer": reply_items}
+    services = (SERVICE_NAME, OIP_SERVICE_NAME)
+    interceptor = RequestInterceptor(services, metrics, reply_counts, admission, config.process.log_requests)
     # No maximum_concurrent_rpcs: gRPC would count a call from its first byte, so calls that never send their
     # message could take every slot; the interceptor counts calls with their message (--max-concurrent-rpcs).
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(config))
     pb_grpc.add_VaeServiceServicer_to_server(VaeServicer(models), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    inference = InferenceServicer(
+        Catalogue(models),
+        admission,
+        models.stream_slots,
+        lambda: is_serving(health),
+        package_version(),
+        config.admission.max_stream_requests_in_flight,
+    )
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([SERVICE_NAME, OIP_SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
     return server, interceptor, health
 
 
@@ -188,7 +218,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     started = time.perf_counter()
     ensure_file_descriptors(config)
     credentials = server_credentials(config.tls)  # a bad TLS file fails before the model is loaded
-    metrics = Metrics(SERVICE_METHODS)
+    metrics = Metrics((*SERVICE_METHODS, *OIP_INFER_METHODS))
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
     models = ModelManager(
         config.repository,

@@ -212,7 +212,7 @@ def test_the_stream_cap_counts_every_version_served(model_dir: Path) -> None:
             with pytest.raises(VaeError) as refused:
                 next(version.sample_stream(10, seed=2))
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "2 SampleStream calls are running and this server runs at most 2 at once" in refused.value.details
+            assert "2 streaming calls are running and this server runs at most 2 at once" in refused.value.details
         for stream in streams:
             stream.close()
         wait_until(lambda: server.running.models.stream_slots.in_use == 0, what="the streams to end")
@@ -230,7 +230,7 @@ def test_one_connection_runs_only_its_share_of_the_sample_streams(exported_repos
         with pytest.raises(VaeError) as refused:
             next(client.sample_stream(10, seed=2))
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "this connection runs 2 SampleStream calls and one connection may run at most 2" in refused.value.details
+        assert "this connection runs 2 streaming calls and one connection may run at most 2" in refused.value.details
         for stream in streams:
             stream.close()
         wait_until(lambda: server.running.models.stream_slots.in_use == 0, what="the streams to end")
