@@ -9,13 +9,17 @@ STAMP := $(VENV)/.installed
 # The gRPC contract and its generated Python package (not committed; `make install` writes it).
 PROTO_SRC := proto/vae/v1/vae.proto proto/inference/grpc_service.proto
 PROTO_OUT := serving/proto/inference/grpc_service_pb2_grpc.py
+# The Open Inference Protocol's clients the system tests run, in a venv of their own (tritonclient pins
+# protobuf < 7, the server 7).
+OIP_VENV := .venv-oip
+OIP_STAMP := $(OIP_VENV)/.installed
 
 RUNS_DIR ?= runs
 REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: promote audit soak beta-sweep bench bench-abuse bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
+.PHONY: oip-clients promote audit soak beta-sweep bench bench-abuse bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -55,7 +59,15 @@ $(PROTO_OUT): $(PROTO_SRC) serving/codegen.py $(STAMP)
 PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS)
 
-test: install lint ## lint, then every test tier: unit, integration and system (what CI runs)
+oip-clients: $(OIP_STAMP) ## create .venv-oip with the pinned Open Inference Protocol clients the system tests run
+
+$(OIP_STAMP): tests/oip_clients/requirements.txt
+	test -x $(OIP_VENV)/bin/python || $(PYTHON) -m venv $(OIP_VENV)
+	$(OIP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OIP_VENV)/bin/python -m pip install --quiet -r tests/oip_clients/requirements.txt
+	touch $@
+
+test: install lint $(OIP_STAMP) ## lint, then every test tier: unit, integration and system (what CI runs)
 	$(PYTEST) --dist loadfile --durations=15
 
 test-fast: install ## unit and integration tests only (under a minute): the edit loop
@@ -64,8 +76,8 @@ test-fast: install ## unit and integration tests only (under a minute): the edit
 docs: install ## regenerate docs/configuration.md from the settings' definitions (a test fails when it is stale)
 	$(PY) docs/generate.py
 
-deploy-check: install ## render + validate the k8s manifests, alert rules (promtool), dashboard and Dockerfile
-	$(PY) -m pytest tests/system/test_deploy.py tests/system/test_alerting.py
+deploy-check: install ## render + validate the k8s and KServe manifests, alert rules (promtool), dashboard and Dockerfile
+	$(PY) -m pytest tests/system/test_deploy.py tests/system/test_kserve.py tests/system/test_alerting.py
 
 # The image builds offline: deploy/docker/build.sh downloads the locked wheels into build/image/wheels/, picks
 # the base (the pinned official image, or one built from Debian packages where it cannot be pulled) and runs
@@ -175,7 +187,7 @@ audit: install ## pip-audit the installed dependencies against PyPI's advisories
 	$(PY) -m pip freeze --exclude-editable > build/audit-requirements.txt
 	build/audit-venv/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r build/audit-requirements.txt
 
-clean: ## remove the venv, generated gRPC code, caches and build outputs (keeps runs/ and models/)
+clean: ## remove the venvs, generated gRPC code, caches and build outputs (keeps runs/ and models/)
 	test ! -s build/image/docker/dockerd.pid || deploy/docker/daemon.sh stop
-	rm -rf $(VENV) serving/proto .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(OIP_VENV) serving/proto .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -79,7 +79,7 @@ class ServerProcess:
         # must not reach `docker run`, which forwards it to the container.
         self.process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
-        self.target = self.metrics_url = ""
+        self.target = self.metrics_url = self.http_url = ""
         self.exit_code: int | None = None
         self._started = threading.Event()
         self._reader = threading.Thread(target=self._read, name="server-stderr", daemon=True)
@@ -88,7 +88,10 @@ class ServerProcess:
     @classmethod
     def vae_server(cls, *args: str, cpus: str | None = None) -> ServerProcess:
         """`python -m serving.server *args` on 127.0.0.1, free ports; pinned to `cpus` (taskset) when given."""
-        command = [sys.executable, "-m", "serving.server", "--host=127.0.0.1", "--port=0", "--metrics-port=0", *args]
+        command = [
+            sys.executable, "-m", "serving.server", "--host=127.0.0.1", "--port=0", "--metrics-port=0", "--http-port=0",
+            *args,
+        ]  # fmt: skip
         return cls(["taskset", "-c", cpus, *command] if cpus else command)
 
     def _read(self) -> None:
@@ -100,6 +103,8 @@ class ServerProcess:
                 self.target = started["grpc_address"]
                 if "metrics_address" in started:
                     self.metrics_url = f"http://{started['metrics_address']}/metrics"
+                if started.get("http_address"):
+                    self.http_url = f"http://{started['http_address']}"
                 self._started.set()
 
     def wait_started(self, timeout_s: float = 60.0) -> ServerProcess:

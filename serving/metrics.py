@@ -47,10 +47,13 @@ class Metrics:
         prom.ProcessCollector(registry=r)
         prom.PlatformCollector(registry=r)
         prom.GCCollector(registry=r)
-        by_method = ["method", "version"]
+        by_method = ["method", "version", "protocol"]  # protocol: "grpc" (both services) or "http" (REST)
         by_graph = ["graph", "version"]
         self.requests = prom.Counter(
-            "vae_requests", "RPCs finished, by method, gRPC status code and version", [*by_method, "code"], registry=r
+            "vae_requests",
+            "requests finished, by method, gRPC status code (REST's too), version and protocol",
+            [*by_method, "code"],
+            registry=r,
         )
         self.request_duration = prom.Histogram(
             "vae_request_duration_seconds", "RPC latency on the server", by_method, buckets=_LATENCY_BUCKETS, registry=r
@@ -114,27 +117,34 @@ class Metrics:
         for result in LOAD_RESULTS:
             self.model_loads.labels(result)
         # The labelled children, looked up once: `labels()` costs microseconds, on every request and batch.
-        self._requests: dict[tuple[str, str, str], Any] = {}  # (method, version, code)
-        self._durations: dict[tuple[str, str], Any] = {}
-        self._items: dict[tuple[str, str], Any] = {}
+        self._requests: dict[tuple[str, str, str, str], Any] = {}  # (method, version, protocol, code)
+        self._durations: dict[tuple[str, str, str], Any] = {}  # (method, version, protocol)
+        self._items: dict[tuple[str, str, str], Any] = {}
         self._info: dict[str, tuple[str, str, str, str]] = {}  # version → model_info's label values
 
     def request_finished(
-        self, method: str, code: str, version: str, duration_seconds: float, items: int | None
+        self,
+        method: str,
+        code: str,
+        version: str,
+        duration_seconds: float,
+        items: int | None,
+        protocol: str = "grpc",
     ) -> None:
-        """One RPC done; `version` is the one that served it ("" when refused before a version took it)."""
-        counter = self._requests.get((method, version, code))
+        """One request done; `version` is the one that served it ("" when refused before a version took it)."""
+        key = (method, version, protocol)
+        counter = self._requests.get((*key, code))
         if counter is None:
-            counter = self._requests[(method, version, code)] = self.requests.labels(method, version, code)
+            counter = self._requests[(*key, code)] = self.requests.labels(*key, code)
         counter.inc()
-        duration = self._durations.get((method, version))
+        duration = self._durations.get(key)
         if duration is None:
-            duration = self._durations[(method, version)] = self.request_duration.labels(method, version)
+            duration = self._durations[key] = self.request_duration.labels(*key)
         duration.observe(duration_seconds)
         if items is not None:
-            histogram = self._items.get((method, version))
+            histogram = self._items.get(key)
             if histogram is None:
-                histogram = self._items[(method, version)] = self.request_items.labels(method, version)
+                histogram = self._items[key] = self.request_items.labels(*key)
             histogram.observe(items)
 
     # ModelObserver
@@ -151,9 +161,10 @@ class Metrics:
             self._zero_series(method, v)
 
     def _zero_series(self, method: str, version: str) -> None:
-        self._requests[(method, version, "OK")] = self.requests.labels(method, version, "OK")
-        self._durations[(method, version)] = self.request_duration.labels(method, version)
-        self._items[(method, version)] = self.request_items.labels(method, version)
+        key = (method, version, "grpc")
+        self._requests[(*key, "OK")] = self.requests.labels(*key, "OK")
+        self._durations[key] = self.request_duration.labels(*key)
+        self._items[key] = self.request_items.labels(*key)
 
     def model_load_failed(self) -> None:
         self.model_loads.labels("failed").inc()

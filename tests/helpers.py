@@ -104,7 +104,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 def server_config(model_dir: Path, **overrides: Any) -> ServerConfig:
     """A server on free 127.0.0.1 ports with few threads, as the tests run it; overrides by setting name."""
-    defaults = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "intra_op_threads": 1, "grace_seconds": 2.0}
+    defaults = {
+        "host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0, "intra_op_threads": 1, "grace_seconds": 2.0,
+    }  # fmt: skip
     return build(ServerConfig, {**defaults, "model_dir": model_dir, **overrides})
 
 
@@ -120,6 +122,7 @@ class ServerThread:
         self.running = self._started.result(timeout=60)
         self.target = f"127.0.0.1:{self.running.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.running.metrics_port}/metrics"
+        self.http_url = f"http://127.0.0.1:{self.running.http_port}" if self.running.http_port else ""
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -5,6 +5,7 @@
   before it is parsed.
 - `PendingRequests`: calls whose request message has not arrived yet. They take no slot that complete calls
   need; each waits at most a receive timeout, and when too many wait, the one that has waited longest goes.
+- `Drain`: the calls accepted and not finished, over every transport; a drain refuses new ones and waits.
 - `CALLER`: who the running call is for (the transport sets it per call), so that the batchers can share
   their queues fairly between callers.
 
@@ -19,11 +20,11 @@ import collections
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from contract.settings import check_settings, setting
-from serving.errors import DeadlineExceeded, Overloaded
+from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
 T = TypeVar("T")
 
@@ -177,6 +178,40 @@ class PendingRequests:
             del self._by_caller[caller]
 
 
+class Drain:
+    """The calls the server accepted and has not finished, over every transport: a drain refuses new ones
+    (`accepting` False: UNAVAILABLE) and waits for these."""
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def check_accepting(self) -> None:
+        """NotReady once the drain has begun."""
+        if not self.accepting:
+            raise NotReady("the server is shutting down and accepts no new requests; retry on another replica")
+
+    def started(self) -> None:
+        self.running += 1
+        self._idle.clear()
+
+    def finished(self) -> None:
+        self.running -= 1
+        if self.running == 0:
+            self._idle.set()
+
+    async def close(self, timeout_s: float) -> bool:
+        """Refuse new calls; wait until every accepted one has finished (True) or `timeout_s` passed (False)."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass(frozen=True)
 class AdmissionSettings:
     """What the server lets in at once, and how long a call may take to send its request."""
@@ -233,11 +268,13 @@ class AdmissionSettings:
 
 @dataclass(frozen=True)
 class Admission:
-    """What a call passes on its way in: its message within the receive bound, a call slot, request bytes."""
+    """What a call passes on its way in: the drain, its message within the receive bound, a call slot, request
+    bytes. One for the whole server: every transport's calls count against the same limits."""
 
     pending: PendingRequests
     calls: Slots  # calls with their request, running (--max-concurrent-rpcs)
     request_bytes: ByteBudget  # their request messages' bytes (--max-request-bytes-in-flight)
+    drain: Drain = field(default_factory=lambda: Drain())
 
     @property
     def saturated(self) -> bool:

@@ -9,8 +9,8 @@ itself answers UNKNOWN with a message naming server internals). For the methods 
 the Open Inference Protocol's GRPCInferenceService) the interceptor also
 - admits a call only once its message is there: within `--max-concurrent-rpcs` calls and
   `--max-request-bytes-in-flight` request bytes at once, checked before the message is parsed;
-- refuses new calls with UNAVAILABLE while the server drains, and tells the drain when the calls it
-  accepted have finished (`drain`);
+- refuses new calls with UNAVAILABLE while the server drains, and counts the calls it accepted for the
+  drain (`serving.dataplane.admission.Drain`);
 - names the call's caller (`serving.dataplane.admission.CALLER`, its connection) for the batchers' fair share;
 - turns whatever the handler raised into a status code and message (`serving.grpc.status`), so no
   stack trace leaves the server (unexpected errors are logged);
@@ -34,7 +34,7 @@ import grpc
 
 from serving.api import VERSION_METADATA
 from serving.dataplane.admission import CALLER, Admission
-from serving.errors import InvalidRequest, NotReady, ServingError
+from serving.errors import InvalidRequest, ServingError
 from serving.grpc.status import cancelled_status, is_unexpected, status_for
 from serving.metrics import Metrics
 
@@ -61,10 +61,6 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self.reply_items = reply_items
         self.admission = admission
         self.log_requests = log_requests
-        self.accepting = True  # False once draining: new calls get UNAVAILABLE
-        self._accepted = 0  # accepted calls not finished yet: what a drain waits for
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -86,15 +82,6 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 handler = self._wrap(method, handler)
             self._handlers[method] = handler
         return handler
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Refuse new calls; wait until every accepted one has finished (True) or `timeout_s` passed (False)."""
-        self.accepting = False
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler as a request stream of one message, which it reads itself (the module docstring)."""
@@ -120,8 +107,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
     async def _admitted(self, call: _Call, parse: Parse) -> AsyncIterator[Any]:
         """A service call from its message to its end: received, admitted (a call slot and its bytes), parsed,
         its caller named for the batchers; the slots are given back on leaving."""
-        if not self.accepting:
-            raise NotReady("the server is shutting down and accepts no new requests; retry on another replica")
+        self.admission.drain.check_accepting()
         data = await self._receive(call.context)
         admission = self.admission
         with admission.calls.hold(), admission.request_bytes.hold(len(data)):
@@ -185,8 +171,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(self, name, context)
             items = 0
             try:
-                if not self.accepting:
-                    raise NotReady("the server is shutting down and accepts no new requests; retry on another replica")
+                self.admission.drain.check_accepting()
                 call.accept()
                 CALLER.set(context.peer())
                 async with contextlib.aclosing(stream(requests, context)) as replies:
@@ -228,15 +213,6 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
         return streaming
 
-    def _call_started(self) -> None:
-        self._accepted += 1
-        self._idle.clear()
-
-    def _call_finished(self) -> None:
-        self._accepted -= 1
-        if self._accepted == 0:
-            self._idle.set()
-
 
 def _safe(deserialize: Callable[[bytes], Any]) -> Parse:
     """The request parser, raising InvalidRequest naming the message type for bytes that do not parse."""
@@ -268,7 +244,7 @@ class _Call:
     def accept(self) -> None:
         """Count the call as accepted: a drain waits for it."""
         self.accepted = True
-        self.interceptor._call_started()
+        self.interceptor.admission.drain.started()
 
     def succeeded(self, items: int | None) -> None:
         self._finish("OK", items)
@@ -291,7 +267,7 @@ class _Call:
         interceptor = self.interceptor
         interceptor.metrics.inflight.dec()
         if self.accepted:
-            interceptor._call_finished()
+            interceptor.admission.drain.finished()
         duration = time.perf_counter() - self.started
         version = _served_version(self.context)
         interceptor.metrics.request_finished(self.method, code, version, duration, items)

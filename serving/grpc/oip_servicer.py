@@ -23,14 +23,20 @@ from serving.errors import InvalidRequest
 from serving.grpc.converters import deadline_of
 from serving.grpc.status import is_unexpected, status_for
 from serving.oip import tensors
-from serving.oip.models import Catalogue, InferRequest, InferResult, ModelConfig, Param, TensorMetadata
+from serving.oip.models import (
+    EXTENSIONS,
+    SERVER_NAME,
+    Catalogue,
+    InferRequest,
+    InferResult,
+    ModelConfig,
+    Param,
+    TensorMetadata,
+)
 from serving.oip.tensors import DTYPES
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "vae-serving"
-# The protocol extensions this server implements, as ServerMetadata names them.
-EXTENSIONS = ("model_configuration", "binary_tensor_data", "parameters")
 # Typed `contents` field of each datatype.
 _CONTENTS = {
     "FP32": "fp32_contents",

@@ -34,6 +34,9 @@ from serving.errors import InvalidRequest, NotFound
 from serving.lifecycle.manager import ModelManager
 
 Param = bool | int | float | str
+SERVER_NAME = "vae-serving"  # ServerMetadata's name
+# The protocol extensions this server implements, as ServerMetadata names them.
+EXTENSIONS = ("model_configuration", "binary_tensor_data", "parameters")
 IMAGES = ("FP32", "UINT8")  # what an image input may be sent as
 SCORES = ("negative_elbo", "reconstruction", "kl", "complexity", "corrected", "latent_norm", "plugin_negative_elbo")
 # Parameters a client of the protocol may send for its own purposes; the server takes no meaning from them.
@@ -451,15 +454,15 @@ class Catalogue:
     async def infer(self, request: InferRequest) -> InferResult:
         """One engine call of the version the request names; the outputs it asked for, in its order."""
         operation = self.operation(request.model)
-        arguments = _Arguments(operation, request)
         wanted = list(request.outputs)
-        known = {spec.name for spec in operation.outputs}
-        unknown = [name for name in wanted if name not in known]
-        if unknown:
-            raise InvalidRequest(
-                f"{operation.kind} has no output {', '.join(map(repr, unknown))}; its outputs: {', '.join(known)}"
-            )
         async with self.models.lease(*version_choice(request.version)) as engine:
+            arguments = _Arguments(operation, request)
+            known = [spec.name for spec in operation.outputs]
+            unknown = [name for name in wanted if name not in known]
+            if unknown:
+                raise InvalidRequest(
+                    f"{operation.kind} has no output {', '.join(map(repr, unknown))}; its outputs: {', '.join(known)}"
+                )
             outputs, parameters = await operation.run(engine, arguments)
             number = engine.version.number
         if wanted:

@@ -34,24 +34,28 @@ from contract import settings
 from contract.repository import ModelRepositoryError, ModelVersion
 from contract.settings import SettingError
 from serving.api import OIP_SERVICE_NAME, SERVICE_METHODS, SERVICE_NAME, oip_grpc, pb_grpc
+from serving.dataplane.admission import Admission
 from serving.dataplane.runtime import ProviderUnavailable
 from serving.errors import StartupError
 from serving.grpc.interceptors import RequestInterceptor
 from serving.grpc.oip_servicer import InferenceServicer, reply_items
 from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
+from serving.http.listener import HttpLimits, HttpListener, start_http
+from serving.http.rest import RestApi
 from serving.lifecycle.manager import ModelManager, VersionState
 from serving.metrics import Metrics
-from serving.oip.models import Catalogue
+from serving.oip.models import EXTENSIONS, SERVER_NAME, Catalogue
 from serving.server.config import ServerConfig, load_config
 from serving.server.connections import ensure_file_descriptors, grpc_options, health_options
 from serving.server.housekeeping import follow_saturation, release_memory_after_bursts
 from serving.server.logs import setup_logging
 from serving.server.metrics_port import serve_metrics_port
-from serving.server.tls import server_credentials
+from serving.server.tls import server_credentials, ssl_context
 
 log = logging.getLogger("serving")
 
 DRAIN_LINGER_SECONDS = 0.25  # after the last accepted call, before connections close
+NEVER_SECONDS = 365 * 24 * 3600.0  # an idle REST connection's timeout when --max-connection-idle-seconds is 0
 HEALTH_SERVICES = ("", SERVICE_NAME)
 OIP_INFER_METHODS = ("ModelInfer", "ModelStreamInfer")  # the protocol's methods that do the model's work
 
@@ -88,6 +92,11 @@ class RunningServer:
     health_server: grpc.aio.Server | None = None  # the plaintext health-only listener (--health-port)
     health_port: int | None = None
     housekeeping: list[asyncio.Task[None]] = field(default_factory=list)  # serving.server.housekeeping's tasks
+    http: HttpListener | None = None  # the REST port (--http-port)
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let those in flight finish within the grace period, stop."""
@@ -100,9 +109,11 @@ class RunningServer:
         # Finish the accepted calls while their connections stay open, and give clients a moment to read the
         # last replies before gRPC closes the connections: a reply still unread by the client when its
         # connection is reset is lost (seen under load), although the server answered it.
-        if await self.interceptor.drain(grace):
+        if await self.interceptor.admission.drain.close(grace):
             await asyncio.sleep(min(DRAIN_LINGER_SECONDS, grace))
         await self.server.stop(max(0.0, grace - (time.perf_counter() - started)))
+        if self.http is not None:
+            await self.http.close()
         if self.health_server is not None:  # answered NOT_SERVING throughout the drain; now it goes too
             await self.health_server.stop(None)
         await self.models.close()
@@ -202,6 +213,38 @@ def listen(server: grpc.aio.Server, config: ServerConfig, credentials: grpc.Serv
     return port
 
 
+async def start_rest(
+    config: ServerConfig,
+    catalogue: Catalogue,
+    admission: Admission,
+    metrics: Metrics,
+    health: health_aio.HealthServicer,
+) -> HttpListener | None:
+    """The Open Inference Protocol's REST port (--http-port), on the same catalogue and admission as gRPC."""
+    network = config.network
+    if network.http_port is None:
+        return None
+    metadata = {"name": SERVER_NAME, "version": package_version(), "extensions": list(EXTENSIONS)}
+    api = RestApi(
+        catalogue,
+        admission,
+        metrics,
+        lambda: is_serving(health),
+        metadata,
+        network.max_message_bytes,
+        config.process.log_requests,
+    )
+    limits = HttpLimits(
+        max_connections=network.max_connections,
+        handshake_timeout_s=network.handshake_timeout_seconds,
+        idle_timeout_s=network.max_connection_idle_seconds or NEVER_SECONDS,
+    )
+    try:
+        return await start_http(api, network.host, network.http_port, limits, ssl_context(config.tls))
+    except OSError as exc:
+        raise StartupError(f"cannot serve REST on {network.host}:{network.http_port}: {exc.strerror or exc}") from None
+
+
 def serve_metrics(metrics: Metrics, config: ServerConfig) -> tuple[WSGIServer, int]:
     host, port = config.network.host, config.network.metrics_port
     try:
@@ -233,6 +276,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await models.start()
     server, interceptor, health = await build_grpc_server(config, models, metrics)
     grpc_port = listen(server, config, credentials)
+    http = await start_rest(config, Catalogue(models), interceptor.admission, metrics, health)
     metrics_http, metrics_port = serve_metrics(metrics, config)
     health_server, health_port = await start_health_listener(health, config)
     await server.start()
@@ -249,6 +293,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
             "fields": {
                 "grpc_address": f"{config.network.host}:{grpc_port}",
                 "metrics_address": f"{config.network.host}:{metrics_port}",
+                "http_address": None if http is None else f"{config.network.host}:{http.port}",
                 "health_address": None if health_port is None else f"{config.network.host}:{health_port}",
                 "transport": config.tls.transport,
                 "versions": [row.version for row in models.status() if row.state is VersionState.AVAILABLE],
@@ -271,6 +316,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         health_server,
         health_port,
         housekeeping,
+        http,
     )
 
 

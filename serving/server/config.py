@@ -34,7 +34,7 @@ ENV_PREFIX = "VAE_"
 class NetworkSettings:
     """Where the server listens, and what one connection or message may hold."""
 
-    host: str = setting("0.0.0.0", "address to listen on (gRPC and metrics)", metavar="ADDR")
+    host: str = setting("0.0.0.0", "address to listen on (gRPC, REST and metrics)", metavar="ADDR")
     port: int = setting(
         50051, "gRPC port (0: any free port)", minimum=0, maximum=65535, env="VAE_GRPC_PORT", metavar="PORT"
     )
@@ -49,6 +49,14 @@ class NetworkSettings:
         minimum=1,
         metavar="N",
     )
+    http_port: int | None = setting(
+        8080,
+        "the Open Inference Protocol's REST port (/v2), on --host, with the gRPC port's TLS; none: off (0: any free "
+        "port)",
+        minimum=0,
+        maximum=65535,
+        metavar="PORT",
+    )
     health_port: int | None = setting(
         None,
         "plaintext port serving grpc.health.v1 only (no VaeService, no reflection), on --host: for probes that "
@@ -60,7 +68,8 @@ class NetworkSettings:
     )
     max_message_bytes: int = setting(
         16 * 1024 * 1024,
-        "gRPC message size limit, each way (larger: RESOURCE_EXHAUSTED)",
+        "message size limit, each way: gRPC messages (larger: RESOURCE_EXHAUSTED) and REST request bodies "
+        "(larger: 413)",
         minimum=64 * 1024,
         metavar="BYTES",
         shown_default="16777216 (16 MiB)",
@@ -70,14 +79,16 @@ class NetworkSettings:
     )
     max_connections: int = setting(
         1000,
-        "client connections the gRPC port holds at once, at most; beyond it new ones are closed at once. Keep it "
-        "below the process's file descriptor limit (ulimit -n): start-up checks that it leaves room",
+        "client connections the gRPC port holds at once, at most, and as many the REST port; beyond it new ones "
+        "are closed at once. Keep it below the process's file descriptor limit (ulimit -n): start-up checks that "
+        "it leaves room",
         minimum=1,
         metavar="N",
     )
     handshake_timeout_seconds: float = setting(
         5.0,
-        "a new connection that has not completed its TLS and HTTP/2 handshake (the client's preface) by then is closed",
+        "a new connection that has not completed its TLS and HTTP/2 handshake (the client's preface; REST: a whole "
+        "request head) by then is closed",
         above=0,
         metavar="S",
     )
@@ -107,6 +118,10 @@ class NetworkSettings:
         if self.health_port and self.health_port in (self.port, self.metrics_port):
             raise SettingError(
                 "{health_port} ({health}) must differ from {port} and {metrics_port}", health=self.health_port
+            )
+        if self.http_port and self.http_port in (self.port, self.metrics_port, self.health_port):
+            raise SettingError(
+                "{http_port} ({http}) must differ from {port}, {metrics_port} and {health_port}", http=self.http_port
             )
 
 

@@ -1,11 +1,12 @@
 """What the process's gRPC listeners accept: connections, handshakes, idle and old connections, message sizes,
-and the file descriptors all that needs.
+and the file descriptors all that needs (the REST port's own bounds are `serving.http.listener`'s).
 
 Every connection is a file descriptor. Connections beyond `--max-connections` are closed as soon as they are
 accepted, those that do not finish their handshake (for plaintext, the client's HTTP/2 preface) within
 `--handshake-timeout-seconds` are closed, and idle ones go after `--max-connection-idle-seconds`: so a client
 that opens thousands of connections and sends nothing cannot take the descriptors the model poller, the health
-port and the metrics port need. Start-up checks that the descriptor limit leaves room for all of it.
+port and the metrics port need. The REST port holds at most as many connections again. Start-up checks that the
+descriptor limit leaves room for all of it.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def health_options(config: ServerConfig) -> list[tuple[str, Any]]:
 
 
 def descriptors_needed(config: ServerConfig) -> int:
-    """File descriptors the process may need at once with these settings."""
-    return config.network.max_connections + HEALTH_MAX_CONNECTIONS + RESERVED_DESCRIPTORS
+    """File descriptors the process may need at once with these settings (--max-connections on the gRPC port,
+    and as many on the REST port when it is on)."""
+    ports = 1 if config.network.http_port is None else 2
+    return ports * config.network.max_connections + HEALTH_MAX_CONNECTIONS + RESERVED_DESCRIPTORS
 
 
 def ensure_file_descriptors(config: ServerConfig) -> None:
@@ -75,6 +78,7 @@ def ensure_file_descriptors(config: ServerConfig) -> None:
     poller then fails with EMFILE, and the health and metrics ports stop answering).
     """
     needed = descriptors_needed(config)
+    ports = 1 if config.network.http_port is None else 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
@@ -82,7 +86,7 @@ def ensure_file_descriptors(config: ServerConfig) -> None:
         raise StartupError(
             f"--max-connections ({config.network.max_connections}) needs {needed} file descriptors with what the "
             f"process opens besides, and its limit is {hard} (ulimit -Hn): lower --max-connections to at most "
-            f"{max(1, hard - HEALTH_MAX_CONNECTIONS - RESERVED_DESCRIPTORS)} or raise the limit"
+            f"{max(1, (hard - HEALTH_MAX_CONNECTIONS - RESERVED_DESCRIPTORS) // ports)} or raise the limit"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
     log.info("file_descriptor_limit_raised", extra={"fields": {"from": soft, "to": needed, "hard": hard}})

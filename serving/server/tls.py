@@ -36,3 +36,16 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
+    """The same certificate, key and client CA as an `ssl` context for the REST port, or None for plaintext
+    (`server_credentials` has checked the files already)."""
+    if tls.tls_cert is None or tls.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.tls_cert, tls.tls_key)
+    if tls.tls_client_ca is not None:
+        context.load_verify_locations(cafile=str(tls.tls_client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

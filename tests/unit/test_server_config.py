@@ -147,8 +147,10 @@ def test_start_up_raises_the_descriptor_limit_or_refuses_what_it_cannot_hold(mon
     limits = {"soft": 1024, "hard": 4096}
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (limits["soft"], limits["hard"]))
     monkeypatch.setattr(resource, "setrlimit", lambda kind, value: limits.update(soft=value[0]))
-    config = ServerConfig()
+    config = ServerConfig()  # the gRPC and the REST port, 1000 connections each
     ensure_file_descriptors(config)
-    assert limits["soft"] == descriptors_needed(config) == 1000 + 16 + 256
-    with pytest.raises(StartupError, match=r"--max-connections \(5000\) needs 5272 file descriptors .* lower "):
-        ensure_file_descriptors(load_config(["--max-connections", "5000"], {}))
+    assert limits["soft"] == descriptors_needed(config) == 2 * 1000 + 16 + 256
+    grpc_only = load_config(["--http-port", "none"], {})
+    assert descriptors_needed(grpc_only) == 1000 + 16 + 256
+    with pytest.raises(StartupError, match=r"--max-connections \(3000\) needs 6272 file descriptors .* at most 1912 "):
+        ensure_file_descriptors(load_config(["--max-connections", "3000"], {}))
