@@ -20,7 +20,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.server.config import load_config
+from contract.settings import specs
+from serving.server.config import ENV_PREFIX, ServerConfig, load_config
 from tests.helpers import ROOT, ServerThread, make_pki
 
 DEPLOY = ROOT / "deploy"
@@ -31,7 +32,7 @@ OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_
 COMPONENTS = sorted(path.name for path in (K8S / "components").iterdir() if path.is_dir())
 MONITORING = "prometheus-operator"  # the component holding the Prometheus Operator objects
 REQUIRES_CRDS = "vae-service/requires-crds"  # a component's annotation: the CRDs its objects need
-GRPC_PORT, METRICS_PORT, HEALTH_PORT = 50051, 9090, 8081
+GRPC_PORT, HTTP_PORT, METRICS_PORT, HEALTH_PORT = 50051, 8080, 9090, 8081
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
@@ -298,7 +299,7 @@ def test_the_tls_overlays_probes_pass_against_a_server_run_with_its_settings(
     pki = make_pki(tmp_path)
     here = {"VAE_MODEL_DIR": str(exported_repository), "VAE_HOST": "127.0.0.1"}
     here |= {"VAE_TLS_CERT": str(pki.server.cert), "VAE_TLS_KEY": str(pki.server.key)}
-    here |= {"VAE_GRPC_PORT": "0", "VAE_METRICS_PORT": "0", "VAE_HEALTH_PORT": "0"}  # free ports
+    here |= {"VAE_GRPC_PORT": "0", "VAE_HTTP_PORT": "0", "VAE_METRICS_PORT": "0", "VAE_HEALTH_PORT": "0"}  # free ports
     config = load_config([], {**settings, **here})
     assert config.tls.transport == "tls"
     server = ServerThread(config)
@@ -313,6 +314,13 @@ def test_the_tls_overlays_probes_pass_against_a_server_run_with_its_settings(
         server.stop()
 
 
+def test_every_configmap_key_is_the_variable_of_a_server_setting(rendered) -> None:
+    """The server ignores a VAE_ variable it does not define: a misspelt key would silently leave the default."""
+    _, objects = rendered
+    variables = {spec.env(ENV_PREFIX) for spec in specs(ServerConfig)}
+    assert server_settings(objects)["data"].keys() - variables == set()
+
+
 def test_drain_fits_inside_the_termination_grace_period(rendered) -> None:
     _, objects = rendered
     pod = pod_spec(objects)
@@ -325,16 +333,18 @@ def test_ports_and_names_agree_between_deployment_service_servicemonitor_and_con
     objects = monitored
     container = server_container(objects)
     container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container_ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
+    assert container_ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
     config = server_settings(objects)["data"]
     assert int(config["VAE_GRPC_PORT"]) == GRPC_PORT and int(config["VAE_METRICS_PORT"]) == METRICS_PORT
+    assert int(config["VAE_HTTP_PORT"]) == HTTP_PORT
 
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     service = one(objects, "Service")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert service_ports.keys() == {"grpc", "metrics"}  # the health port is the kubelet's alone
+    assert service_ports.keys() == {"grpc", "http", "metrics"}  # the health port is the kubelet's alone
     assert service_ports["grpc"]["targetPort"] == "grpc" and service_ports["grpc"]["appProtocol"] == "grpc"
+    assert service_ports["http"]["targetPort"] == "http" and service_ports["http"]["appProtocol"] == "http"
     assert service_ports["metrics"]["targetPort"] == "metrics"
 
     monitor = one(objects, "ServiceMonitor")
@@ -352,7 +362,7 @@ def test_prometheus_finds_the_servicemonitor_and_the_rules_by_one_set_of_selecto
         assert setting["labels"].items() <= one(monitored, kind)["metadata"]["labels"].items(), kind
 
 
-def test_the_network_policy_admits_grpc_from_the_cluster_metrics_from_monitoring_and_lets_out_only_dns(
+def test_the_network_policy_admits_grpc_and_rest_from_the_cluster_metrics_from_monitoring_and_lets_out_only_dns(
     rendered,
 ) -> None:
     _, objects = rendered
@@ -363,6 +373,7 @@ def test_the_network_policy_admits_grpc_from_the_cluster_metrics_from_monitoring
     ingress = {port["port"]: rule.get("from") for rule in policy["ingress"] for port in rule["ports"]}
     assert ingress == {
         "grpc": [{"namespaceSelector": {}}],  # every namespace's pods; nothing from outside the cluster
+        "http": [{"namespaceSelector": {}}],
         "metrics": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
     }
     (egress,) = policy["egress"]

@@ -125,7 +125,7 @@ def served(docker: Docker, cpu_image: str) -> Iterator[Served]:
         "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         "--network", "host", "--env-file", str(ROOT / "deploy" / "k8s" / "base" / "server.env"),
         "--env", "VAE_HOST=127.0.0.1", "--env", "VAE_GRPC_PORT=0", "--env", "VAE_METRICS_PORT=0",
-        "--env", "VAE_HEALTH_PORT=0", cpu_image,
+        "--env", "VAE_HTTP_PORT=0", "--env", "VAE_HEALTH_PORT=0", cpu_image,
     )  # fmt: skip
     start = time.monotonic()
     process = ServerProcess(command)

@@ -64,6 +64,7 @@ _NOT_PATHS = {
     "deploy/vae-server",  # kubectl's name of the Deployment (deploy/NAME), not a folder
     "serving/proto/vae/v1/vae.proto",  # the virtual path the .proto is compiled under (docs/development.md)
 }
+_NOT_MODULES = ("serving.kserve.io",)  # KServe's API group (apiVersion serving.kserve.io/v1beta1), and its CRDs' files
 _TEXT_SUFFIXES = (".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".mjs", ".proto", ".env", ".txt")
 _TEXT_NAMES = ("Makefile", "Dockerfile", ".dockerignore", "run", "vae-models")
 
@@ -108,7 +109,13 @@ def _unresolved(line: str) -> list[str]:
     ]
     missing += [name for name in _TOP_DOCUMENT.findall(line) if not (ROOT / name).exists()]
     modules = (m.group(1) for m in _MODULE.finditer(line))
-    missing += [name for name in modules if name.rsplit(".", 1)[-1] not in _FILE_SUFFIXES and not _names_a_module(name)]
+    missing += [
+        name
+        for name in modules
+        if name.rsplit(".", 1)[-1] not in _FILE_SUFFIXES
+        and not name.startswith(_NOT_MODULES)
+        and not _names_a_module(name)
+    ]
     return missing
 
 
@@ -135,3 +142,4 @@ def test_the_path_check_sees_what_is_missing() -> None:
         _unresolved("contract/repository.py, contract.scores.kl_nats, docs/serving.md, bench/results/x-<date>.json")
         == []
     )
+    assert _unresolved("apiVersion: serving.kserve.io/v1beta1") == []
