@@ -59,6 +59,8 @@ class _Request(msgspec.Struct, forbid_unknown_fields=True):
     outputs: list[_Output] = []
     parameters: dict[str, Any] = {}
     id: str = ""
+    model_name: str = ""  # the KServe SDK repeats the path's model here; the path decides
+    model_version: str = ""
 
 
 _DECODER = msgspec.json.Decoder(_Request)

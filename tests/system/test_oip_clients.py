@@ -1,15 +1,18 @@
 """Clients nobody on the project wrote, unchanged, against a real server: tritonclient's gRPC (sync, asyncio,
 streaming) and HTTP (binary and JSON) clients call every model of the Open Inference Protocol, and get what
-the typed API answers for the same requests, bit for bit.
+the typed API answers for the same requests, bit for bit; the KServe SDK's REST and gRPC clients check
+readiness and infer.
 
-They run in their own virtual environment (.venv-oip, `make oip-clients`: tritonclient needs protobuf < 7),
-through tests/oip_clients/triton_calls.py, which prints what it got as sha256 digests of each output.
+They run in their own virtual environment (.venv-oip, `make oip-clients`: both need protobuf < 7), each in a
+process of its own, through tests/oip_clients/triton_calls.py and kserve_calls.py, which print what they got
+(outputs as sha256 digests).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ from serving.client import VaeClient
 from tests.helpers import ROOT, ServerThread, running_server
 
 CLIENTS_PYTHON = ROOT / ".venv-oip" / "bin" / "python"
-SCRIPT = ROOT / "tests" / "oip_clients" / "triton_calls.py"
+SCRIPTS = ROOT / "tests" / "oip_clients"
 
 # What triton_calls.py sends (its RNG, seed 2024, draws the images, then the latents).
 RNG = np.random.default_rng(2024)
@@ -70,19 +73,19 @@ def server(exported_repository: Path) -> Iterator[ServerThread]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def triton_report(server: ServerThread) -> dict[str, Any]:
+def run_clients(script: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a script of tests/oip_clients printed, run with the clients' own Python."""
     assert CLIENTS_PYTHON.exists(), f"{CLIENTS_PYTHON} missing: run `make oip-clients` (part of `make test`)"
-    http = server.http_url.removeprefix("http://")
-    result = subprocess.run(
-        [str(CLIENTS_PYTHON), str(SCRIPT), "--grpc", server.target, "--http", http],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    command = [str(CLIENTS_PYTHON), str(SCRIPTS / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     report: dict[str, Any] = json.loads(result.stdout)
     return report
+
+
+@pytest.fixture(scope="module")
+def triton_report(server: ServerThread) -> dict[str, Any]:
+    return run_clients("triton_calls.py", "--grpc", server.target, "--http", server.http_url.removeprefix("http://"))
 
 
 def test_tritonclient_grpc_calls_every_model_and_gets_the_typed_api_s_answers(
@@ -121,3 +124,16 @@ def test_tritonclient_http_binary_and_json_call_every_model(
     assert http["binary"] == expected
     assert http["json"] == expected
     assert http["error"] == {"status": "400", "message": "latents has shape [1, 3]; expected [N, 20] (latent_dim 20)"}
+
+
+def test_the_kserve_sdk_checks_readiness_and_infers_over_rest_and_grpc(server: ServerThread) -> None:
+    report = run_clients("kserve_calls.py", env={**os.environ, "OIP_GRPC": server.target, "OIP_HTTP": server.http_url})
+    latents = np.random.default_rng(2025).standard_normal((4, 20)).astype(np.float32)
+    with VaeClient(server.target) as client:
+        expected = digest(client.decode(latents).images)
+    rest, grpc = report["rest"], report["grpc"]
+    assert (rest["live"], rest["ready"], rest["model_ready"]) == (True, True, True)
+    assert rest["decoder"] == {"binary": expected, "json": expected} and rest["ids"] == ["b", "j"]
+    assert "'404 Not Found'" in rest["error"] and "vae-mnist-decoder" in rest["error"]
+    assert (grpc["live"], grpc["ready"], grpc["model_ready"]) == (True, True, True)
+    assert grpc["decoder"] == {"raw": expected, "typed": expected} and grpc["versions"] == ["1", "1"]
