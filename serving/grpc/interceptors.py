@@ -273,7 +273,8 @@ class _Call:
         interceptor.metrics.request_finished(self.method, code, version, duration, items)
         if interceptor.log_requests:
             fields = {
-                "method": self.method, "code": code, "version": int(version) if version else None,
+                "method": self.method, "protocol": "grpc", "code": code,
+                "version": int(version) if version else None,
                 "duration_ms": round(duration * 1000, 3), "items": items,
             }  # fmt: skip
             log.info("request", extra={"fields": fields})

@@ -54,7 +54,9 @@ def test_clients_that_never_finish_their_request_hold_no_thread(metrics_port: tu
         for connection in slow:  # a slowloris request: the head never ends
             connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n")
         assert b"vae_requests_total" in scrape(port)  # the longest waiting gives way to the scrape
-        assert threading.active_count() == threads
+        # No thread per client: 20 clients would add 20. A thread or two of this process's other servers (the
+        # default executor's, started on demand) may come and go meanwhile.
+        assert threading.active_count() - threads < 5
         assert all(closed_by_the_server(connection) for connection in slow)
     finally:
         for connection in slow:
