@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from serving.api import SERVICE_METHODS as METHODS
+from serving.api import oip, oip_grpc
 from serving.client import VaeClient, VaeError
 from tests.helpers import DirectGraphs, ServerThread, patient_config, running_server, scrape, wait_until
 
@@ -38,6 +40,37 @@ def test_concurrent_requests_share_one_onnxruntime_run(patient_server: ServerThr
     latents = np.random.default_rng(0).standard_normal((8, 20)).astype(np.float32)
     with VaeClient(patient_server.target) as client, ThreadPoolExecutor(8) as pool:
         images = list(pool.map(lambda i: client.decode(latents[i : i + 1]).images, range(8)))
+    assert decoder_runs(patient_server) == (runs + 1, rows + 8)  # eight 1-row requests, one run of 8 rows
+    expected = DirectGraphs(exported_repository).decode(latents)
+    np.testing.assert_allclose(np.concatenate(images), expected, atol=1e-5)  # each got its own row back
+
+
+def test_one_run_holds_rows_of_both_protocols_and_both_transports(
+    patient_server: ServerThread, exported_repository: Path
+) -> None:
+    """Typed Decodes, ModelInfer over gRPC and over REST, 1 row each, at once: one onnxruntime run."""
+    runs, rows = decoder_runs(patient_server)
+    latents = np.random.default_rng(1).standard_normal((8, 20)).astype(np.float32)
+
+    def oip_grpc_row(row: int) -> np.ndarray:
+        request = oip.ModelInferRequest(model_name="vae-mnist-decoder")
+        request.inputs.add(name="z", datatype="FP32", shape=[1, 20])
+        request.raw_input_contents.append(latents[row : row + 1].tobytes())
+        with grpc.insecure_channel(patient_server.target) as channel:
+            reply = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        return np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(1, 1, 28, 28)
+
+    def rest_row(row: int) -> np.ndarray:
+        body = {"inputs": [{"name": "z", "shape": [1, 20], "datatype": "FP32", "data": latents[row].tolist()}]}
+        url = f"{patient_server.http_url}/v2/models/vae-mnist-decoder/infer"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            (output,) = json.loads(response.read())["outputs"]
+        return np.asarray(output["data"], np.float32).reshape(1, 1, 28, 28)
+
+    with VaeClient(patient_server.target) as client, ThreadPoolExecutor(8) as pool:
+        calls = [lambda row: client.decode(latents[row : row + 1]).images, oip_grpc_row, rest_row]
+        images = list(pool.map(lambda row: calls[row % 3](row), range(8)))
     assert decoder_runs(patient_server) == (runs + 1, rows + 8)  # eight 1-row requests, one run of 8 rows
     expected = DirectGraphs(exported_repository).decode(latents)
     np.testing.assert_allclose(np.concatenate(images), expected, atol=1e-5)  # each got its own row back
