@@ -1,11 +1,12 @@
-"""The gRPC server process: the model versions, VaeService, health, reflection, /metrics, signals.
+"""The server process: the model versions, VaeService and the Open Inference Protocol on the gRPC port, the
+protocol's REST port, health, reflection, /metrics, signals.
 
-    python -m serving.server --model-dir models/vae-mnist --port 50051 --metrics-port 9090
+    python -m serving.server --model-dir models/vae-mnist --port 50051 --http-port 8080 --metrics-port 9090
 
 Every flag has an environment twin (`--help` lists them). Health reports SERVING for "" and
 "vae.v1.VaeService" once a version is loaded and warmed up, and stays SERVING while versions come and go
 (`serving.lifecycle.manager`: polled every `--poll-seconds`, and at once on SIGHUP). On SIGTERM or SIGINT
-the server drains: health goes NOT_SERVING, new requests get UNAVAILABLE, requests in flight have
+the server drains: health goes NOT_SERVING, new requests get UNAVAILABLE (REST: 503), requests in flight have
 `--grace-seconds` to finish, then the process exits 0. With `--health-port`, a second, plaintext listener
 serves the same health status and nothing else, for probes that cannot speak the gRPC port's TLS. Log lines
 are JSON, one per event, on stderr.

@@ -1,4 +1,5 @@
-"""TLS for the gRPC port: server credentials from PEM files, checked before the server starts."""
+"""TLS for the gRPC port (server credentials) and the REST port (an `ssl` context), from the same PEM files,
+checked before the server starts."""
 
 from __future__ import annotations
 

@@ -262,8 +262,8 @@ def test_rest_answers_any_body_with_a_documented_status_and_a_json_error(
         assert status in REST_ALLOWED, reply
         statuses.add(status)
         if status != 200:
-            error = json.loads(reply)
-            assert set(error) == {"error"} and "Traceback" not in error["error"]
+            refusal = json.loads(reply)
+            assert set(refusal) == {"error"} and "Traceback" not in refusal["error"]
 
     post()
     assert 400 in statuses

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -63,6 +64,28 @@ def test_a_plaintext_client_is_refused_on_a_tls_port(tls_server: ServerThread) -
 
 def test_a_client_trusting_another_ca_refuses_the_server(tls_server: ServerThread, pki: Pki) -> None:
     assert refused_code(tls_server.target, tls_ca=pki.other_ca) == grpc.StatusCode.UNAVAILABLE
+
+
+def rest_ready(server: ServerThread, context: ssl.SSLContext | None, scheme: str = "https") -> int:
+    """GET /v2/health/ready on the REST port: its status."""
+    url = server.http_url.replace("http://", f"{scheme}://") + "/v2/health/ready"
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        return int(response.status)
+
+
+def test_the_rest_port_speaks_the_same_tls_and_mutual_tls(
+    tls_server: ServerThread, mtls_server: ServerThread, pki: Pki
+) -> None:
+    trusting = ssl.create_default_context(cafile=str(pki.ca))
+    assert rest_ready(tls_server, trusting) == 200
+    with pytest.raises(urllib.error.URLError):  # a client trusting another CA refuses the server
+        rest_ready(tls_server, ssl.create_default_context(cafile=str(pki.other_ca)))
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext on the TLS port gets no answer
+        rest_ready(tls_server, None, scheme="http")
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):  # mutual TLS: no certificate
+        rest_ready(mtls_server, trusting)
+    trusting.load_cert_chain(pki.client.cert, pki.client.key)
+    assert rest_ready(mtls_server, trusting) == 200
 
 
 def test_mutual_tls_serves_a_client_with_a_certificate_from_the_ca(mtls_server: ServerThread, pki: Pki) -> None:
