@@ -31,7 +31,7 @@ from contract.manifest import MAX_VERSION
 from contract.scores import ImageScores
 from serving.dataplane.engine import OutputDType, VaeEngine
 from serving.errors import InvalidRequest, NotFound
-from serving.lifecycle.manager import ModelManager
+from serving.lifecycle.manager import ModelManager, VersionState
 
 Param = bool | int | float | str
 SERVER_NAME = "vae-serving"  # ServerMetadata's name
@@ -427,7 +427,7 @@ class Catalogue:
     def metadata(self, model: str, version: str) -> ModelMetadata:
         operation = self.operation(model)
         engine = self.models.engine(*version_choice(version))
-        versions = [str(row.version) for row in self.models.status() if row.state.name == "AVAILABLE"]
+        versions = [str(row.version) for row in self.models.status() if row.state is VersionState.AVAILABLE]
         inputs, outputs = self._tensors(operation, engine, batch=True)
         return ModelMetadata(model, versions, operation.platform, inputs, outputs)
 
