@@ -248,10 +248,11 @@ def _split(body: bytes, header_length: str | None) -> tuple[_Request, bytes]:
         raise InvalidRequest(f"the inference request is not valid JSON: {error}") from None
 
 
-def _parameters(values: dict[str, Any], where: str) -> dict[str, Param]:
+def _parameters(values: dict[str, Any]) -> dict[str, Param]:
+    """The request's parameters, each a bool, number or string (the protocol's parameter kinds)."""
     for name, value in values.items():
         if not isinstance(value, (bool, int, float, str)):
-            raise InvalidRequest(f"{where}parameter {name!r} is {type(value).__name__}; give a bool, number or string")
+            raise InvalidRequest(f"parameter {name!r} is {type(value).__name__}; give a bool, number or string")
     return values
 
 
@@ -284,7 +285,7 @@ def _infer_request(catalogue: Catalogue, model: str, version: str, parsed: _Requ
         model=model,
         version=version,
         inputs=inputs,
-        parameters=_parameters(parsed.parameters, ""),
+        parameters=_parameters(parsed.parameters),
         outputs=[output.name for output in parsed.outputs],
     )
 
