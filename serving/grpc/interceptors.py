@@ -134,20 +134,42 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     def _observed_stream(self, name: str, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
+        """A server-streaming method (SampleStream): admitted with its message, as a unary call is."""
+        stream = _async_generator(name, handler.unary_stream)
+
+        @contextlib.asynccontextmanager
+        async def opened(requests: Any, call: _Call) -> AsyncIterator[AsyncIterator[Any]]:
+            async with self._admitted(call, parse) as request:
+                yield stream(request, call.context)
+
+        return self._relayed(name, opened)
+
+    def _observed_bidi(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A stream of requests (ModelStreamInfer): refused while draining, its caller named, its end counted
+        and logged as one call; gRPC reads its messages, and the handler admits each (a call slot and its bytes)
+        and answers each failure in the stream."""
+        stream = _async_generator(name, handler.stream_stream)
+
+        @contextlib.asynccontextmanager
+        async def opened(requests: Any, call: _Call) -> AsyncIterator[AsyncIterator[Any]]:
+            self.admission.drain.check_accepting()
+            call.accept()
+            CALLER.set(call.context.peer())
+            yield stream(requests, call.context)
+
+        relayed = self._relayed(name, opened)
+        return grpc.stream_stream_rpc_method_handler(relayed, handler.request_deserializer, handler.response_serializer)
+
+    def _relayed(self, name: str, opened: Callable[[Any, _Call], Any]) -> Any:
+        """The replies of the stream `opened(requests, call)` yields, counted, its failure turned into a status."""
         count = self.reply_items.get(name)
-        stream = handler.unary_stream
-        if not inspect.isasyncgenfunction(stream):
-            raise TypeError(f"{name}: streaming handlers must be async generators")
 
         async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(self, name, context)
             items = 0
             try:
                 # aclosing: when gRPC closes this generator (the client left), the handler's closes at once
-                async with (
-                    self._admitted(call, parse) as request,
-                    contextlib.aclosing(stream(request, context)) as replies,
-                ):
+                async with opened(requests, call) as stream, contextlib.aclosing(stream) as replies:
                     async for reply in replies:
                         items += 0 if count is None else count(reply)
                         yield reply
@@ -157,35 +179,6 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             call.succeeded(items)
 
         return streaming
-
-    def _observed_bidi(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """A stream of requests (ModelStreamInfer): refused while draining, its caller named, its end counted
-        and logged as one call; gRPC reads its messages, and the handler admits each (a call slot and its bytes)
-        and answers each failure in the stream."""
-        stream = handler.stream_stream
-        if not inspect.isasyncgenfunction(stream):
-            raise TypeError(f"{name}: streaming handlers must be async generators")
-        count = self.reply_items.get(name)
-
-        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self, name, context)
-            items = 0
-            try:
-                self.admission.drain.check_accepting()
-                call.accept()
-                CALLER.set(context.peer())
-                async with contextlib.aclosing(stream(requests, context)) as replies:
-                    async for reply in replies:
-                        items += 0 if count is None else count(reply)
-                        yield reply
-            except BaseException as error:
-                await call.failed(error)
-                raise
-            call.succeeded(items)
-
-        return grpc.stream_stream_rpc_method_handler(
-            streaming, handler.request_deserializer, handler.response_serializer
-        )
 
     def _guarded_unary(self, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
         """A unary handler of another service (health's Check): receipt bound and malformed guard only."""
@@ -212,6 +205,13 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             await behavior(request, context)
 
         return streaming
+
+
+def _async_generator(name: str, handler: Any) -> Any:
+    """A streaming handler, which must be an async generator (so that closing the call closes it at once)."""
+    if not inspect.isasyncgenfunction(handler):
+        raise TypeError(f"{name}: streaming handlers must be async generators")
+    return handler
 
 
 def _safe(deserialize: Callable[[bytes], Any]) -> Parse:
