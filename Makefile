@@ -19,7 +19,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: oip-clients promote audit soak beta-sweep bench bench-abuse bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
+.PHONY: oip-clients promote audit soak beta-sweep bench bench-abuse bench-oip bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -162,6 +162,13 @@ bench-rpcs: install ## what Score, Reconstruct and Traverse cost beside Encode a
 bench-abuse: install ## a cheap caller's latency beside each hostile-caller attack, on $(REPOSITORY)/$(NAME) (~2 min) → bench/results/abuse.json
 	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
 	$(PY) -m bench.abuse --model-dir $(SERVE_MODEL_DIR)
+
+# perf_analyzer (tritonclient 2.60.0's binary) needs glibc >= 2.38: bench/perf_analyzer.sh fetches it, pinned, with
+# Debian trixie's glibc and libstdc++ unpacked beside it, into build/perf-analyzer/ (once; it says what it fetches).
+bench-oip: install ## the Open Inference Protocol (gRPC, stream, REST) beside Decode, and perf_analyzer, on $(REPOSITORY)/$(NAME) (~3 min) → bench/results/oip.json
+	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
+	PYTHON=$(PYTHON) bench/perf_analyzer.sh --setup
+	$(PY) -m bench.oip --model-dir $(SERVE_MODEL_DIR)
 
 bench-train: install ## training benchmarks: samples/s vs the tutorial loop, then quality vs the tutorial recipe
 	$(PY) -m bench.train_speed

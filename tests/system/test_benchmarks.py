@@ -42,6 +42,30 @@ def test_limit_measures_both_graphs_at_each_batch_size(exported_repository: Path
     assert all(line["rows_per_s"] > 0 and line["provider"] == "CPUExecutionProvider" for line in lines)
 
 
+def test_the_protocol_bench_measures_every_load_and_checks_its_targets(
+    exported_repository: Path, tmp_path: Path
+) -> None:
+    """`make bench-oip`'s own loads (perf_analyzer left out: its glibc is fetched by `make bench-oip` only)."""
+    run_module(
+        "bench.oip", "--model-dir", str(exported_repository), "--seconds", "0.3", "--warmup", "0.2", "--rounds", "1",
+        "--no-perf-analyzer", "--out", str(tmp_path), timeout=240,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "oip.json").read_text())
+    assert report["failures"] == [] and report["server_log_warnings_and_errors"] == {}
+    loads = {f"{api}_{shape}" for api in ("decode", "infer", "rest") for shape in ("1x64", "32x1", "1x1")}
+    assert set(report["medians"]) == loads | {"stream_32x1"}
+    assert all(load["requests_per_s"] > 0 for load in report["medians"].values())
+    targets = report["summary"]["targets"]
+    assert set(targets) == {
+        "modelinfer_vs_decode_requests_per_s_1x64", "modelinfer_vs_decode_requests_per_s_32x1",
+        "stream_vs_modelinfer_server_cpu_per_message", "rest_vs_grpc_requests_per_s",
+    }  # fmt: skip
+    for target in targets.values():  # each verdict is what its figure says (the figures themselves: bench, not test)
+        bound = float(target["target"].split()[1])
+        measured = target["measured"]
+        assert target["met"] == (measured >= bound if target["target"].startswith(">=") else measured <= bound)
+
+
 def test_serving_sweep_writes_results_plot_and_summary(exported_repository: Path, tmp_path: Path) -> None:
     run_module(
         "bench.serving", "--model-dir", str(exported_repository), "--duration", "0.2", "--concurrency", "1", "2",
