@@ -27,7 +27,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -55,12 +55,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         reply_items: Mapping[str, ItemCount],
         admission: Admission,
         log_requests: bool = False,
+        counted_by_message: Collection[str] = (),
     ) -> None:
         self.service_prefixes = tuple(f"/{service}/" for service in services)
         self.metrics = metrics
         self.reply_items = reply_items
         self.admission = admission
         self.log_requests = log_requests
+        # Streams whose handler counts each request message in the metrics (ModelStreamInfer): the stream itself
+        # is counted only when it fails as a whole (refused, or broken), never as one more request.
+        self.counted_by_message = frozenset(counted_by_message)
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -270,7 +274,8 @@ class _Call:
             interceptor.admission.drain.finished()
         duration = time.perf_counter() - self.started
         version = _served_version(self.context)
-        interceptor.metrics.request_finished(self.method, code, version, duration, items)
+        if self.method not in interceptor.counted_by_message or code not in ("OK", "CANCELLED"):
+            interceptor.metrics.request_finished(self.method, code, version, duration, items)
         if interceptor.log_requests:
             fields = {
                 "method": self.method, "protocol": "grpc", "code": code,

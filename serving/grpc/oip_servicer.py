@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -63,6 +64,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         ready: Callable[[], Awaitable[bool]],
         version: str,
         stream_requests_in_flight: int,
+        message_done: Callable[[str, str, float, int | None], None] = lambda code, version, seconds, items: None,
     ) -> None:
         self.catalogue = catalogue
         self.admission = admission
@@ -70,6 +72,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self.ready = ready
         self.version = version
         self.stream_requests_in_flight = stream_requests_in_flight
+        self.message_done = message_done  # (code, version, seconds, rows): one stream message, for the metrics
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -156,15 +159,20 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _stream_reply(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelStreamInferResponse:
-        """One stream message's reply: admitted as a call of its own (a call slot and its bytes)."""
+        """One stream message's reply: admitted as a call of its own (a call slot and its bytes), and counted as
+        one request in the metrics."""
+        started = time.perf_counter()
         try:
             with self.admission.calls.hold(), self.admission.request_bytes.hold(request.ByteSize()):
                 result = await self.catalogue.infer(infer_request(self.catalogue, request, deadline_of(context)))
-            return oip.ModelStreamInferResponse(infer_response=infer_response(result, request, raw=_raw(request)))
+            reply = infer_response(result, request, raw=_raw(request))
         except Exception as error:  # this message's failure, as its reply: the stream goes on
             if is_unexpected(error):  # a bug: logged here, never sent as a trace
                 log.error("request_failed", exc_info=error, extra={"fields": {"method": "ModelStreamInfer"}})
+            self.message_done(status_for(error)[0].name, "", time.perf_counter() - started, None)
             return oip.ModelStreamInferResponse(error_message=_error_message(error, request))
+        self.message_done("OK", str(result.version), time.perf_counter() - started, reply_items(reply))
+        return oip.ModelStreamInferResponse(infer_response=reply)
 
 
 def _error_message(error: BaseException, request: oip.ModelInferRequest) -> str:

@@ -152,7 +152,9 @@ async def build_grpc_server(
     admission = config.admission.build()
     reply_counts = {**REPLY_ITEMS, "ModelInfer": reply_items}
     services = (SERVICE_NAME, OIP_SERVICE_NAME)
-    interceptor = RequestInterceptor(services, metrics, reply_counts, admission, config.process.log_requests)
+    interceptor = RequestInterceptor(
+        services, metrics, reply_counts, admission, config.process.log_requests, counted_by_message={"ModelStreamInfer"}
+    )
     # No maximum_concurrent_rpcs: gRPC would count a call from its first byte, so calls that never send their
     # message could take every slot; the interceptor counts calls with their message (--max-concurrent-rpcs).
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(config))
@@ -166,6 +168,9 @@ async def build_grpc_server(
         lambda: is_serving(health),
         package_version(),
         config.admission.max_stream_requests_in_flight,
+        lambda code, version, seconds, items: metrics.request_finished(
+            "ModelStreamInfer", code, version, seconds, items
+        ),
     )
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     for service in HEALTH_SERVICES:

@@ -228,7 +228,17 @@ def test_an_unknown_model_is_not_found_and_lists_the_models(stub: oip_grpc.GRPCI
     assert f"{MODEL}-encoder, {MODEL}-decoder, {MODEL}-sample" in str(missing.value.details())
 
 
-def test_a_stream_answers_each_request_and_goes_on_after_a_bad_one(stub: oip_grpc.GRPCInferenceServiceStub) -> None:
+def test_a_stream_answers_each_request_and_goes_on_after_a_bad_one(
+    stub: oip_grpc.GRPCInferenceServiceStub, vae_server: ServerThread
+) -> None:
+    def counted(code: str) -> float:
+        return vae_server.metric("vae_requests_total", method="ModelStreamInfer", code=code)
+
+    def rows() -> float:
+        return vae_server.metric("vae_request_items_sum", method="ModelStreamInfer")
+
+    before = counted("OK"), counted("INVALID_ARGUMENT"), rows()
+
     def requests() -> Iterator[oip.ModelInferRequest]:
         for index in range(4):
             request = oip.ModelInferRequest(model_name=f"{MODEL}-decoder", id=str(index))
@@ -250,6 +260,8 @@ def test_a_stream_answers_each_request_and_goes_on_after_a_bad_one(stub: oip_grp
         single = outputs(answered[str(index)].infer_response)["x"]
         assert single.shape == (1, 1, 28, 28)
     assert outputs(answered["last"].infer_response)["x"].shape == (2, 1, 28, 28)
+    # each message is one request in the metrics (the stream itself is not one more): 5 answered, 6 rows, 1 refused
+    assert (counted("OK"), counted("INVALID_ARGUMENT"), rows()) == (before[0] + 5, before[1] + 1, before[2] + 6)
 
 
 def test_reflection_lists_the_inference_service(vae_server: ServerThread) -> None:
