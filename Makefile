@@ -19,7 +19,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: oip-clients promote audit soak beta-sweep bench bench-abuse bench-oip bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
+.PHONY: oip-clients perf-analyzer promote audit soak beta-sweep bench bench-abuse bench-oip bench-ood bench-rpcs bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -67,7 +67,10 @@ $(OIP_STAMP): tests/oip_clients/requirements.txt
 	$(OIP_VENV)/bin/python -m pip install --quiet -r tests/oip_clients/requirements.txt
 	touch $@
 
-test: install lint $(OIP_STAMP) ## lint, then every test tier: unit, integration and system (what CI runs)
+perf-analyzer: ## set up Triton's perf_analyzer under build/perf-analyzer (bench/perf_analyzer.sh says what it fetches)
+	PYTHON=$(PYTHON) bench/perf_analyzer.sh --setup
+
+test: install lint $(OIP_STAMP) perf-analyzer ## lint, then every test tier: unit, integration and system (what CI runs)
 	$(PYTEST) --dist loadfile --durations=15
 
 test-fast: install ## unit and integration tests only (under a minute): the edit loop
@@ -165,9 +168,8 @@ bench-abuse: install ## a cheap caller's latency beside each hostile-caller atta
 
 # perf_analyzer (tritonclient 2.60.0's binary) needs glibc >= 2.38: bench/perf_analyzer.sh fetches it, pinned, with
 # Debian trixie's glibc and libstdc++ unpacked beside it, into build/perf-analyzer/ (once; it says what it fetches).
-bench-oip: install ## the Open Inference Protocol (gRPC, stream, REST) beside Decode, and perf_analyzer, on $(REPOSITORY)/$(NAME) (~3 min) → bench/results/oip.json
+bench-oip: install perf-analyzer ## the Open Inference Protocol (gRPC, stream, REST) beside Decode, and perf_analyzer, on $(REPOSITORY)/$(NAME) (~3 min) → bench/results/oip.json
 	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
-	PYTHON=$(PYTHON) bench/perf_analyzer.sh --setup
 	$(PY) -m bench.oip --model-dir $(SERVE_MODEL_DIR)
 
 bench-train: install ## training benchmarks: samples/s vs the tutorial loop, then quality vs the tutorial recipe
