@@ -235,11 +235,9 @@ async def _interpolate(engine: VaeEngine, a: _Arguments) -> Outputs:
 
 
 def _dimensions(value: Param | None) -> list[int]:
-    """ "0,3,7" (or one int) → [0, 3, 7]; none: every dimension."""
+    """The string "0,3,7" → [0, 3, 7]; none or "": every dimension."""
     if value is None or value == "":
         return []
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
     try:
         return [int(part) for part in str(value).split(",")]
     except ValueError:
