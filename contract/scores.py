@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -143,9 +143,12 @@ def score(
     ]
     if len(parts) == 1:
         return parts[0]
-    iwae = np.concatenate([part.iwae for part in parts if part.iwae is not None]) if with_iwae else None
-    columns = ("negative_elbo", "reconstruction", "kl", "complexity", "latent_norm", "plugin_negative_elbo")
-    return ImageScores(**{name: np.concatenate([getattr(part, name) for part in parts]) for name in columns}, iwae=iwae)
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(part, name) for part in parts])
+
+    columns = {column.name: joined(column.name) for column in fields(ImageScores) if column.name != "iwae"}
+    return ImageScores(**columns, iwae=joined("iwae") if with_iwae else None)
 
 
 def _score(

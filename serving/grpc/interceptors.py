@@ -97,8 +97,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 return grpc.stream_unary_rpc_method_handler(self._observed_unary(name, handler, parse), None, serialize)
             return grpc.stream_stream_rpc_method_handler(self._observed_stream(name, handler, parse), None, serialize)
         if handler.unary_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(self._guarded_unary(handler, parse), None, serialize)
-        return grpc.stream_stream_rpc_method_handler(self._guarded_stream(handler, parse), None, serialize)
+            return grpc.stream_unary_rpc_method_handler(self._guarded(handler.unary_unary, parse), None, serialize)
+        return grpc.stream_stream_rpc_method_handler(self._guarded(handler.unary_stream, parse), None, serialize)
 
     async def _receive(self, context: grpc.aio.ServicerContext) -> bytes:
         """The call's request message, as bytes, within the receive bound (`PendingRequests`)."""
@@ -184,31 +184,18 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
         return streaming
 
-    def _guarded_unary(self, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
-        """A unary handler of another service (health's Check): receipt bound and malformed guard only."""
-        behavior = handler.unary_unary
+    def _guarded(self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], parse: Parse) -> Any:
+        """A handler of another service (health's Check, and Watch, which writes with context.write): the
+        receipt bound and the malformed-message guard only."""
 
-        async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 request = parse(await self._receive(context))
             except ServingError as error:  # malformed, never sent, or pushed out by newer calls
                 await context.abort(*status_for(error))
             return await behavior(request, context)
 
-        return unary
-
-    def _guarded_stream(self, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
-        """A server-streaming handler of another service (health's Watch, which writes with context.write)."""
-        behavior = handler.unary_stream
-
-        async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            try:
-                request = parse(await self._receive(context))
-            except ServingError as error:  # malformed, never sent, or pushed out by newer calls
-                await context.abort(*status_for(error))
-            await behavior(request, context)
-
-        return streaming
+        return guarded
 
 
 def _async_generator(name: str, handler: Any) -> Any:
