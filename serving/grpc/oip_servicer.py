@@ -33,6 +33,7 @@ from serving.oip.models import (
     ModelConfig,
     Param,
     TensorMetadata,
+    add_input,
 )
 from serving.oip.tensors import DTYPES
 
@@ -193,22 +194,18 @@ def infer_request(catalogue: Catalogue, request: oip.ModelInferRequest, deadline
         raise InvalidRequest(
             f"the request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input"
         )
+    mixed = next((tensor.name for tensor in request.inputs if raw and tensor.HasField("contents")), None)
+    if mixed is not None:
+        raise InvalidRequest(f"input {mixed!r} has contents although the request sends raw_input_contents")
     inputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
-        if tensor.name in inputs:
-            raise InvalidRequest(f"input {tensor.name!r} is given twice")
-        accepted = operation.input(tensor.name).datatypes
         shape = list(tensor.shape)
         if raw:
-            if tensor.HasField("contents"):
-                raise InvalidRequest(
-                    f"input {tensor.name!r} has contents although the request sends raw_input_contents"
-                )
-            inputs[tensor.name] = tensors.from_raw(tensor.name, tensor.datatype, shape, raw[index], accepted)
-        else:
-            tensors.check_datatype(tensor.name, tensor.datatype, accepted)
-            values = getattr(tensor.contents, _CONTENTS[tensor.datatype])
-            inputs[tensor.name] = tensors.from_values(tensor.name, tensor.datatype, shape, values, accepted)
+            add_input(operation, inputs, tensor.name, tensor.datatype, shape, raw=raw[index])
+        else:  # an unknown datatype has no contents field: add_input names it
+            field = _CONTENTS.get(tensor.datatype)
+            values = [] if field is None else getattr(tensor.contents, field)
+            add_input(operation, inputs, tensor.name, tensor.datatype, shape, values=values)
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -227,7 +224,8 @@ def parameter_value(name: str, parameter: oip.InferParameter) -> Param:
     return value
 
 
-def _parameter(value: Param) -> oip.InferParameter:
+def parameter_message(value: Param) -> oip.InferParameter:
+    """A parameter value as the protocol's message: ints from 2^63 up as uint64_param."""
     if isinstance(value, bool):
         return oip.InferParameter(bool_param=value)
     if isinstance(value, int):
@@ -240,7 +238,7 @@ def _parameter(value: Param) -> oip.InferParameter:
 def infer_response(result: InferResult, request: oip.ModelInferRequest, raw: bool) -> oip.ModelInferResponse:
     response = oip.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
     for name, value in result.parameters.items():
-        response.parameters[name].CopyFrom(_parameter(value))
+        response.parameters[name].CopyFrom(parameter_message(value))
     for name, array in result.outputs.items():
         output = response.outputs.add(name=name, datatype=tensors.datatype_of(array), shape=array.shape)
         if raw:

@@ -33,7 +33,7 @@ from serving.errors import InvalidRequest, ServingError
 from serving.http.status import http_status
 from serving.metrics import Metrics
 from serving.oip import tensors
-from serving.oip.models import Catalogue, InferRequest, InferResult, Param, TensorMetadata
+from serving.oip.models import Catalogue, InferRequest, InferResult, Param, TensorMetadata, add_input
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,6 @@ def _infer_request(catalogue: Catalogue, model: str, version: str, parsed: _Requ
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for tensor in parsed.inputs:
-        if tensor.name in inputs:
-            raise InvalidRequest(f"input {tensor.name!r} is given twice")
-        accepted = operation.input(tensor.name).datatypes
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(blobs):
@@ -274,11 +271,11 @@ def _infer_request(catalogue: Catalogue, model: str, version: str, parsed: _Requ
                 )
             data = blobs[offset : offset + size]
             offset += size
-            inputs[tensor.name] = tensors.from_raw(tensor.name, tensor.datatype, tensor.shape, data, accepted)
+            add_input(operation, inputs, tensor.name, tensor.datatype, tensor.shape, raw=data)
         elif tensor.data is None:
             raise InvalidRequest(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
         else:
-            inputs[tensor.name] = tensors.from_values(tensor.name, tensor.datatype, tensor.shape, tensor.data, accepted)
+            add_input(operation, inputs, tensor.name, tensor.datatype, tensor.shape, values=tensor.data)
     if offset != len(blobs):
         raise InvalidRequest(f"the body has {len(blobs) - offset} bytes of binary data that no input claims")
     return InferRequest(

@@ -32,6 +32,7 @@ from contract.scores import ImageScores
 from serving.dataplane.engine import OutputDType, VaeEngine
 from serving.errors import InvalidRequest, NotFound
 from serving.lifecycle.manager import ModelManager, VersionState
+from serving.oip import tensors
 
 Param = bool | int | float | str
 SERVER_NAME = "vae-serving"  # ServerMetadata's name
@@ -72,14 +73,6 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class ParamSpec:
-    """A request parameter: its type and what it says."""
-
-    kind: type
-    help: str
-
-
-@dataclass(frozen=True)
 class InferRequest:
     """One inference, as either transport received it: arrays by input name, parameters by name."""
 
@@ -112,7 +105,7 @@ class Operation:
     kind: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    parameters: Mapping[str, ParamSpec]
+    parameters: Mapping[str, type]  # name → the kind its value must be (bool, int, float, str)
     run: Run
     batched: bool  # whether the first dimension of its inputs and outputs is the batch (ModelConfig)
     platform: str = "vae"
@@ -142,9 +135,9 @@ class _Arguments:
             raise InvalidRequest(
                 f"{self.kind} has no parameter {', '.join(map(repr, unknown))}; its parameters: {accepted}"
             )
-        for name, spec in operation.parameters.items():
+        for name, kind in operation.parameters.items():
             if name in request.parameters:
-                _check_kind(name, request.parameters[name], spec.kind)
+                _check_kind(name, request.parameters[name], kind)
 
     def tensor(self, name: str) -> np.ndarray:
         return self.inputs[name]
@@ -258,8 +251,6 @@ async def _traverse(engine: VaeEngine, a: _Arguments) -> Outputs:
     return {"x": images, "z": latents, "dimensions": np.asarray(dimensions, dtype=np.int64), "values": values}, {}
 
 
-_OUTPUT_DATATYPE = ParamSpec(str, "FP32 (default) or UINT8: the images' datatype")
-_SEED = ParamSpec(int, "0 .. 2^64 - 1: the seed of the draws (unset: the server draws one, or 0 for scores)")
 _IMAGE_IN = TensorSpec("x", IMAGES, (-1, "I"))
 _IMAGE_OUT = TensorSpec("x", IMAGES, (-1, "I"))
 _LATENT = TensorSpec("z", ("FP32",), (-1, "D"))
@@ -282,7 +273,7 @@ OPERATIONS: dict[str, Operation] = {
             "decoder",
             (_LATENT,),
             (_IMAGE_OUT,),
-            {"output_datatype": _OUTPUT_DATATYPE},
+            {"output_datatype": str},  # FP32 (default) or UINT8: the images' datatype
             _decode,
             batched=True,
             platform="onnxruntime_onnx",
@@ -292,11 +283,11 @@ OPERATIONS: dict[str, Operation] = {
             (),
             (_IMAGE_OUT, _LATENT),
             {
-                "num_samples": ParamSpec(int, "images to draw (default 1)"),
-                "seed": _SEED,
-                "offset": ParamSpec(int, "the first row of the seed's draws (default 0)"),
-                "temperature": ParamSpec(float, "scale of the prior's standard deviation (default 1)"),
-                "output_datatype": _OUTPUT_DATATYPE,
+                "num_samples": int,  # images to draw (default 1)
+                "seed": int,  # 0 .. 2^64 - 1 (unset: the server draws one; scores: 0)
+                "offset": int,  # the first row of the seed's draws (default 0)
+                "temperature": float,  # scale of the prior's standard deviation (default 1)
+                "output_datatype": str,  # FP32 (default) or UINT8: the images' datatype
             },
             _sample,
             batched=False,
@@ -306,8 +297,8 @@ OPERATIONS: dict[str, Operation] = {
             (_IMAGE_IN,),
             (*_SCORE_OUTPUTS, TensorSpec("iwae", ("FP64",), (-1,))),
             {
-                "importance_samples": ParamSpec(int, "K > 0 adds the K-sample bound `iwae` (default 0)"),
-                "seed": _SEED,
+                "importance_samples": int,  # K > 0 adds the K-sample bound `iwae` (default 0)
+                "seed": int,  # 0 .. 2^64 - 1 (unset: the server draws one; scores: 0)
             },
             _score,
             batched=True,
@@ -317,9 +308,9 @@ OPERATIONS: dict[str, Operation] = {
             (_IMAGE_IN,),
             (_IMAGE_OUT, _LATENT, *_SCORE_OUTPUTS),
             {
-                "sample_posterior": ParamSpec(bool, "decode a posterior draw instead of the mean (default false)"),
-                "seed": _SEED,
-                "output_datatype": _OUTPUT_DATATYPE,
+                "sample_posterior": bool,  # decode a posterior draw instead of the mean (default false)
+                "seed": int,  # 0 .. 2^64 - 1 (unset: the server draws one; scores: 0)
+                "output_datatype": str,  # FP32 (default) or UINT8: the images' datatype
             },
             _reconstruct,
             batched=True,
@@ -329,9 +320,9 @@ OPERATIONS: dict[str, Operation] = {
             (TensorSpec("start", IMAGES, (-1, "D")), TensorSpec("end", IMAGES, (-1, "D"))),
             _PATHS,
             {
-                "steps": ParamSpec(int, "points on each path, ends included (required)"),
-                "method": ParamSpec(str, "linear (default) or slerp"),
-                "output_datatype": _OUTPUT_DATATYPE,
+                "steps": int,  # points on each path, ends included (required)
+                "method": str,  # linear (default) or slerp
+                "output_datatype": str,  # FP32 (default) or UINT8: the images' datatype
             },
             _interpolate,
             batched=False,
@@ -341,18 +332,38 @@ OPERATIONS: dict[str, Operation] = {
             (TensorSpec("origin", IMAGES, (1, "D")),),
             (*_PATHS, TensorSpec("dimensions", ("INT64",), (-1,)), TensorSpec("values", ("FP32",), (-1,))),
             {
-                "dimensions": ParamSpec(str, '"0,3,7": the latent dimensions to sweep (default: all)'),
-                "low": ParamSpec(float, "the sweep's first value (default -3)"),
-                "high": ParamSpec(float, "the sweep's last value (default 3)"),
-                "steps": ParamSpec(int, "values in the sweep"),
-                "relative": ParamSpec(bool, "add each value to the origin's own coordinate (default false)"),
-                "output_datatype": _OUTPUT_DATATYPE,
+                "dimensions": str,  # "0,3,7": the latent dimensions to sweep (default: all)
+                "low": float,  # the sweep's first value (default -3)
+                "high": float,  # the sweep's last value (default 3)
+                "steps": int,  # values in the sweep
+                "relative": bool,  # add each value to the origin's own coordinate (default false)
+                "output_datatype": str,  # FP32 (default) or UINT8: the images' datatype
             },
             _traverse,
             batched=False,
         ),
     )
 }
+
+
+def add_input(
+    operation: Operation,
+    inputs: dict[str, np.ndarray],
+    name: str,
+    datatype: str,
+    shape: Sequence[int],
+    raw: bytes | None = None,
+    values: object = None,
+) -> None:
+    """One input of a request, as either transport sent it (raw bytes, or typed values), checked against the
+    operation (a known name given once, a datatype it takes, data that fills the shape) and added to `inputs`."""
+    if name in inputs:
+        raise InvalidRequest(f"input {name!r} is given twice")
+    accepted = operation.input(name).datatypes
+    if raw is not None:
+        inputs[name] = tensors.from_raw(name, datatype, shape, raw, accepted)
+    else:
+        inputs[name] = tensors.from_values(name, datatype, shape, values, accepted)
 
 
 def version_choice(version: str) -> tuple[int | None, str | None]:

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving.api import oip, oip_grpc
+from serving.grpc.oip_servicer import parameter_message
 from tests.helpers import DirectGraphs, ServerThread, running_server
 
 LATENT_DIM = 20
@@ -90,16 +91,6 @@ PARAMETER_VALUES = st.one_of(
 )
 
 
-def parameter(value: Any) -> oip.InferParameter:
-    if isinstance(value, bool):
-        return oip.InferParameter(bool_param=value)
-    if isinstance(value, int):
-        return oip.InferParameter(int64_param=value) if value < 2**63 else oip.InferParameter(uint64_param=value)
-    if isinstance(value, float):
-        return oip.InferParameter(double_param=value)
-    return oip.InferParameter(string_param=value)
-
-
 def data_for(shape: list[int], datatype: str, kind: str) -> bytes:
     """Bytes for a tensor: the right count of plausible values, a wrong count, or nothing."""
     count = int(np.prod(shape)) if shape and all(0 <= d <= 4096 for d in shape) and np.prod(shape) <= 100_000 else 3
@@ -128,7 +119,7 @@ def infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
     if raw and draw(st.integers(0, 5)) == 0:
         request.raw_input_contents.append(b"\0")  # one more than the inputs
     for name, value in draw(st.dictionaries(PARAMETER_NAMES, PARAMETER_VALUES, max_size=4)).items():
-        request.parameters[name].CopyFrom(parameter(value))
+        request.parameters[name].CopyFrom(parameter_message(value))
     for name in draw(st.lists(NAMES, max_size=2)):
         request.outputs.add(name=name)
     return request

@@ -14,6 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving.api import oip, oip_grpc
 from serving.client import VaeClient
+from serving.grpc.oip_servicer import parameter_message
+from serving.oip.models import Param
 from tests.helpers import ServerThread
 
 MODEL = "vae-mnist"
@@ -34,23 +36,13 @@ def raw_input(request: oip.ModelInferRequest, name: str, array: np.ndarray, data
 
 
 def infer(
-    stub: oip_grpc.GRPCInferenceServiceStub, kind: str, inputs: dict[str, np.ndarray], **parameters: object
+    stub: oip_grpc.GRPCInferenceServiceStub, kind: str, inputs: dict[str, np.ndarray], **parameters: Param
 ) -> oip.ModelInferResponse:
     request = oip.ModelInferRequest(model_name=f"{MODEL}-{kind}", id=f"{kind}-1")
     for name, array in inputs.items():
         raw_input(request, name, array, "UINT8" if array.dtype == np.uint8 else "FP32")
     for name, value in parameters.items():
-        parameter = request.parameters[name]
-        if isinstance(value, bool):
-            parameter.bool_param = value
-        elif isinstance(value, int) and value >= 2**63:
-            parameter.uint64_param = value
-        elif isinstance(value, int):
-            parameter.int64_param = value
-        elif isinstance(value, float):
-            parameter.double_param = value
-        else:
-            parameter.string_param = str(value)
+        request.parameters[name].CopyFrom(parameter_message(value))
     reply: oip.ModelInferResponse = stub.ModelInfer(request, timeout=30)
     return reply
 
