@@ -64,11 +64,14 @@ def health_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
+def _client_ports(config: ServerConfig) -> int:
+    """The ports that each hold --max-connections client connections: gRPC, and REST when it is on."""
+    return 1 if config.network.http_port is None else 2
+
+
 def descriptors_needed(config: ServerConfig) -> int:
-    """File descriptors the process may need at once with these settings (--max-connections on the gRPC port,
-    and as many on the REST port when it is on)."""
-    ports = 1 if config.network.http_port is None else 2
-    return ports * config.network.max_connections + HEALTH_MAX_CONNECTIONS + RESERVED_DESCRIPTORS
+    """File descriptors the process may need at once with these settings."""
+    return _client_ports(config) * config.network.max_connections + HEALTH_MAX_CONNECTIONS + RESERVED_DESCRIPTORS
 
 
 def ensure_file_descriptors(config: ServerConfig) -> None:
@@ -78,15 +81,15 @@ def ensure_file_descriptors(config: ServerConfig) -> None:
     poller then fails with EMFILE, and the health and metrics ports stop answering).
     """
     needed = descriptors_needed(config)
-    ports = 1 if config.network.http_port is None else 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
     if hard != resource.RLIM_INFINITY and hard < needed:
+        fits = max(1, (hard - HEALTH_MAX_CONNECTIONS - RESERVED_DESCRIPTORS) // _client_ports(config))
         raise StartupError(
             f"--max-connections ({config.network.max_connections}) needs {needed} file descriptors with what the "
             f"process opens besides, and its limit is {hard} (ulimit -Hn): lower --max-connections to at most "
-            f"{max(1, (hard - HEALTH_MAX_CONNECTIONS - RESERVED_DESCRIPTORS) // ports)} or raise the limit"
+            f"{fits} or raise the limit"
         )
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
     log.info("file_descriptor_limit_raised", extra={"fields": {"from": soft, "to": needed, "hard": hard}})
