@@ -146,10 +146,10 @@ def reply_fits(config: ServerConfig) -> Callable[[ModelVersion], None]:
 
 
 async def build_grpc_server(
-    config: ServerConfig, models: ModelManager, metrics: Metrics
+    config: ServerConfig, models: ModelManager, metrics: Metrics, catalogue: Catalogue, admission: Admission
 ) -> tuple[grpc.aio.Server, RequestInterceptor, health_aio.HealthServicer]:
-    """VaeService behind the request interceptor, health (NOT_SERVING until started) and reflection."""
-    admission = config.admission.build()
+    """VaeService and the protocol's GRPCInferenceService behind the request interceptor, health (NOT_SERVING
+    until started) and reflection; `catalogue` and `admission` are the process's, shared with the REST port."""
     reply_counts = {**REPLY_ITEMS, "ModelInfer": reply_items}
     services = (SERVICE_NAME, OIP_SERVICE_NAME)
     interceptor = RequestInterceptor(
@@ -162,7 +162,7 @@ async def build_grpc_server(
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     inference = InferenceServicer(
-        Catalogue(models),
+        catalogue,
         admission,
         models.stream_slots,
         lambda: is_serving(health),
@@ -280,9 +280,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
         config.telemetry,
     )
     await models.start()
-    server, interceptor, health = await build_grpc_server(config, models, metrics)
+    catalogue, admission = Catalogue(models), config.admission.build()  # both transports share them
+    server, interceptor, health = await build_grpc_server(config, models, metrics, catalogue, admission)
     grpc_port = listen(server, config, credentials)
-    http = await start_rest(config, Catalogue(models), interceptor.admission, metrics, health)
+    http = await start_rest(config, catalogue, admission, metrics, health)
     metrics_http, metrics_port = serve_metrics(metrics, config)
     health_server, health_port = await start_health_listener(health, config)
     await server.start()
