@@ -8,8 +8,9 @@ CPU and the load on the second, as bench/serving.py pins them. Every load decode
 - the typed API's `Decode` and the protocol's `ModelInfer` on `<name>-decoder` (raw tensor bytes), from the same
   closed-loop driver (`closed_loop`: N callers, each sending its next request when the last returns; one
   request message built up front), at 1 caller x 64 rows, 1 x 1 and 32 callers x 1 row;
-- `ModelStreamInfer`, one row per message, on one stream with 32 messages outstanding (the server runs 16 of
-  them at once by default, `--max-stream-requests-in-flight`);
+- `ModelStreamInfer`, one row per message: 32 streams with one message outstanding each (one stream per caller,
+  as tritonclient's `start_stream` and perf_analyzer's `--streaming` open them), and one stream with 32
+  messages outstanding (the server runs 16 of them at once by default, `--max-stream-requests-in-flight`);
 - REST `POST /v2/models/<name>-decoder/infer` with Triton's binary tensor extension (aiohttp, 32 and 1
   keep-alive connections), binary reply;
 - Triton's perf_analyzer (bench/perf_analyzer.sh: tritonclient 2.60.0's binary under Debian trixie's glibc),
@@ -71,15 +72,16 @@ SERVER_FLAGS += ["--max-delay-ms=2"]
 TARGETS = {
     "modelinfer_vs_decode_requests_per_s_1x64": (">=", 0.9),
     "modelinfer_vs_decode_requests_per_s_32x1": (">=", 0.9),
-    "stream_vs_modelinfer_server_cpu_per_message": ("<=", 0.5),
+    "streams_vs_modelinfer_server_cpu_per_message": ("<=", 0.5),
     "rest_vs_grpc_requests_per_s": (">=", 0.8),
 }
 
 
 @dataclass(frozen=True)
 class Load:
-    """One load of our own: `kind` is decode (VaeService.Decode), infer (ModelInfer), stream
-    (ModelStreamInfer, `concurrency` messages outstanding on one stream) or rest (binary REST)."""
+    """One load of our own: `kind` is decode (VaeService.Decode), infer (ModelInfer), streams (ModelStreamInfer,
+    `concurrency` streams of one message outstanding each), stream (ModelStreamInfer, `concurrency` messages
+    outstanding on one stream) or rest (binary REST)."""
 
     kind: str
     rows: int
@@ -109,7 +111,7 @@ LOADS = [
     Load(kind, rows, concurrency)
     for rows, concurrency in ((64, 1), (1, 1), (1, 32))
     for kind in ("decode", "infer", "rest")
-] + [Load("stream", 1, STREAM_IN_FLIGHT)]  # fmt: skip
+] + [Load("streams", 1, 32), Load("stream", 1, STREAM_IN_FLIGHT)]  # fmt: skip
 PERF_LOADS = [
     PerfLoad(protocol, streaming, rows, concurrency)
     for protocol, streaming in (("grpc", False), ("grpc", True), ("http", False))
@@ -118,6 +120,7 @@ PERF_LOADS = [
 LABELS = {
     "decode": ("ours", "Decode (typed API)"),
     "infer": ("ours", "ModelInfer, gRPC"),
+    "streams": ("ours", "ModelStreamInfer, a stream per caller"),
     "stream": ("ours", "ModelStreamInfer, 1 stream"),
     "rest": ("ours", "REST /v2 infer, binary"),
     "pa_grpc": ("perf_analyzer", "ModelInfer, gRPC"),
@@ -294,9 +297,10 @@ async def run_load(
             elapsed, latencies, codes = await closed_loop(post, load.concurrency, warmup_s, seconds, measured)
         return window(load.key, round_, load.rows, load.concurrency, elapsed, latencies, codes, measured)
     async with grpc.aio.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
-        if load.kind == "stream":
-            elapsed, latencies, codes = await stream(
-                channel, infer_request(model, z), load, warmup_s, seconds, measured
+        if load.kind in ("stream", "streams"):
+            count, in_flight = (1, load.concurrency) if load.kind == "stream" else (load.concurrency, 1)
+            elapsed, latencies, codes = await streams(
+                channel, infer_request(model, z), count, in_flight, warmup_s, seconds, measured
             )
         elif load.kind == "decode":
             decode_request = build_request("decode", load.rows, latent_dim)[1]
@@ -319,40 +323,56 @@ async def run_load(
     return window(load.key, round_, load.rows, load.concurrency, elapsed, latencies, codes, measured)
 
 
-async def stream(
-    channel: grpc.aio.Channel, request: Any, load: Load, warmup_s: float, seconds: float, measured: Measured
+async def streams(
+    channel: grpc.aio.Channel,
+    request: Any,
+    count: int,
+    in_flight: int,
+    warmup_s: float,
+    seconds: float,
+    measured: Measured,
 ) -> tuple[float, list[float], Counter[str]]:
-    """One ModelStreamInfer call with `load.concurrency` messages outstanding: a new message goes out as each
-    reply comes back (matched by `id`). Warm-up, then `seconds` measured; then the stream is closed."""
-    call = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(timeout=warmup_s + seconds + TIMEOUT_S)
-    room = asyncio.Semaphore(load.concurrency)
-    sent: dict[str, float] = {}
+    """`count` ModelStreamInfer calls on one channel, each with `in_flight` messages outstanding: a new message
+    goes out on a stream as each of its replies comes back (matched by `id`). Warm-up, then `seconds` measured;
+    then the streams are closed."""
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     state = {"measuring": False, "stop": False}
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
 
-    async def write() -> None:
-        number = 0
-        while True:
-            await room.acquire()
-            if state["stop"]:
-                break
-            request.id = str(number)  # one message object: the next id is set only once this write returned
-            sent[request.id] = time.perf_counter()
-            await call.write(request)
-            number += 1
-        await call.done_writing()
+    async def one_stream() -> None:
+        call = stub.ModelStreamInfer(timeout=warmup_s + seconds + TIMEOUT_S)
+        message = type(request)()
+        message.CopyFrom(request)  # one message object per stream: its next id is set once the last write returned
+        room = asyncio.Semaphore(in_flight)
+        sent: dict[str, float] = {}
 
-    async def read() -> None:
-        async for reply in call:
-            failed = re.search(r"request id '(\d+)'", reply.error_message)
-            latency = time.perf_counter() - sent.pop(failed.group(1) if failed else reply.infer_response.id)
-            room.release()
-            if state["measuring"] and not state["stop"]:
-                latencies.append(latency)
-                codes["ERROR" if reply.error_message else "OK"] += 1
+        async def write() -> None:
+            number = 0
+            while True:
+                await room.acquire()
+                if state["stop"]:
+                    break
+                message.id = str(number)
+                sent[message.id] = time.perf_counter()
+                await call.write(message)
+                number += 1
+            await call.done_writing()
 
-    writer, reader = asyncio.ensure_future(write()), asyncio.ensure_future(read())
+        async def read() -> None:
+            async for reply in call:
+                failed = re.search(r"request id '(\d+)'", reply.error_message)
+                latency = time.perf_counter() - sent.pop(failed.group(1) if failed else reply.infer_response.id)
+                room.release()
+                if state["measuring"] and not state["stop"]:
+                    latencies.append(latency)
+                    codes["ERROR" if reply.error_message else "OK"] += 1
+
+        writer = asyncio.ensure_future(write())
+        await read()
+        await writer
+
+    running = asyncio.gather(*(one_stream() for _ in range(count)))
     await asyncio.sleep(warmup_s)
     measured.begin()
     state["measuring"] = True
@@ -361,8 +381,7 @@ async def stream(
     elapsed = time.perf_counter() - began
     measured.end()
     state["stop"] = True
-    room.release()  # the writer may wait for room: let it see the stop
-    await asyncio.gather(writer, reader)
+    await running
     return elapsed, latencies, codes
 
 
@@ -478,10 +497,12 @@ def summary(windows: Sequence[Window]) -> dict[str, Any]:
         "modelinfer_vs_decode_requests_per_s_1x1": ("infer_1x1", "decode_1x1", "requests_per_s"),
         "modelinfer_vs_decode_server_cpu_per_request_1x64": ("infer_1x64", "decode_1x64", "server_cpu_us_per_request"),
         "modelinfer_vs_decode_server_cpu_per_request_32x1": ("infer_32x1", "decode_32x1", "server_cpu_us_per_request"),
-        "stream_vs_modelinfer_server_cpu_per_message": (
+        "streams_vs_modelinfer_server_cpu_per_message": ("streams_32x1", "infer_32x1", "server_cpu_us_per_request"),
+        "streams_vs_modelinfer_requests_per_s": ("streams_32x1", "infer_32x1", "requests_per_s"),
+        "one_stream_vs_modelinfer_server_cpu_per_message": (
             f"stream_{STREAM_IN_FLIGHT}x1", "infer_32x1", "server_cpu_us_per_request"
         ),
-        "stream_vs_modelinfer_requests_per_s": (f"stream_{STREAM_IN_FLIGHT}x1", "infer_32x1", "requests_per_s"),
+        "one_stream_vs_modelinfer_requests_per_s": (f"stream_{STREAM_IN_FLIGHT}x1", "infer_32x1", "requests_per_s"),
         "rest_vs_grpc_requests_per_s": ("rest_32x1", "infer_32x1", "requests_per_s"),
         "rest_vs_grpc_requests_per_s_1x64": ("rest_1x64", "infer_1x64", "requests_per_s"),
         "rest_vs_grpc_server_cpu_per_request_32x1": ("rest_32x1", "infer_32x1", "server_cpu_us_per_request"),
