@@ -1,4 +1,6 @@
-"""The VAE server and its client: api/ (the contract), dataplane/ (no gRPC), grpc/ (transport), server/, client/."""
+"""The VAE server and its client: api/ (the wire contract), dataplane/ (the request path, no transport),
+lifecycle/ (versions and the operator CLI), oip/ (the Open Inference Protocol's models), grpc/ and http/
+(transports), server/ (the process), client/. docs/development.md draws the layers."""
 
 import os
 

@@ -7,9 +7,11 @@ releases the GIL, so the event loop keeps accepting requests) and hands each req
 batch runs the next one fills, so batches grow with load.
 
 `batch_wait_seconds` decides whether queued rows run now or wait for more: under `adaptive` only when
-recent batches say more rows are coming, so a lone request never waits out the delay. Batches whose recent
-runs were faster than `inline_max_ms` run on the event-loop thread: for them the hand-off to a thread and
-back costs as much as the run. Requests larger than `max_batch_size` run in chunks; cancelled and expired
+recent batches say more rows are coming, so a lone request never waits out the delay. How many rows it
+waits for (`next_target_rows`) grows by one while batches hold several requests and waits fill before the
+delay is out; when a wait runs out, it falls to what came and stays there a while. Batches whose recent runs
+were faster than `inline_max_ms` run on the event-loop thread: for them the hand-off to a thread and back
+costs as much as the run. Requests larger than `max_batch_size` run in chunks; cancelled and expired
 requests are dropped before they run. docs/serving.md describes the policy, docs/performance.md what each
 part gained.
 """
@@ -54,8 +56,10 @@ class _NoObserver:
         pass
 
 
-# How long a batch keeps counting as "recent" for the adaptive policy, in multiples of max_delay_ms.
-_PEAK_HORIZON_DELAYS = 10
+# After a wait ran out, how long the adaptive policy's target does not grow, in multiples of max_delay_ms: a wait
+# that runs out costs its callers the whole delay. The hold doubles with each wait that runs out (up to the most)
+# and starts again from the least once a wait fills: a lone caller pays one delay in 2 s at --max-delay-ms 2.
+_PROBE_HOLD_DELAYS = (100, 1000)
 # Weight of the newest run in the moving average of run times that decides which batches run inline.
 _RUN_SECONDS_WEIGHT = 0.2
 
@@ -73,7 +77,8 @@ class BatchSettings:
     batch_wait: Literal["adaptive", "fixed"] = setting(
         "adaptive",
         "when a batch waits up to --max-delay-ms for more rows: adaptive (only when recent traffic makes more "
-        "likely; a lone request runs at once), fixed (always, unless the batch is full)",
+        "likely, for one row more than recent batches held; the first request after a quiet spell runs at once), "
+        "fixed (always, unless the batch is full)",
     )
     inline_max_ms: float = setting(
         0.25,
@@ -124,15 +129,40 @@ def batch_wait_seconds(
     return max_delay_s - oldest_waited_s
 
 
-def expected_rows(policy: BatchSettings, peak_rows: int, rows_during_run: int) -> int:
-    """The rows the adaptive policy waits for: as many as the largest recent batch (`peak_rows`).
+def expected_rows(policy: BatchSettings, target_rows: int, rows_during_run: int) -> int:
+    """The rows the adaptive policy waits for: its target (`next_target_rows`, what recent batches held).
 
     And at least one more than arrived while the last batch ran (`rows_during_run`, 0 when the queued rows
     came after it ended): such callers are concurrent, and running their rows at once would keep batches as
     small as what trickles in during one run (on one core, the slowest way to serve many callers).
     """
-    expected = max(peak_rows, rows_during_run + 1) if rows_during_run else peak_rows
+    expected = max(target_rows, rows_during_run + 1) if rows_during_run else target_rows
     return min(expected, policy.max_batch_size)
+
+
+WaitOutcome = Literal["none", "filled", "ran_out"]
+
+
+def next_target_rows(policy: BatchSettings, target_rows: int, rows: int, outcome: WaitOutcome, may_grow: bool) -> int:
+    """The adaptive policy's target after a batch of `rows`, by how the wait before it ended.
+
+    - `filled` (the rows it waited for came before the delay was out) or `none` (they were there when it
+      looked): one more than it got, when `may_grow`. Where callers' rows reach the batcher one by one
+      (gRPC's server takes one new call per event-loop turn), a target that only followed past batches would
+      stay at whatever size they happened to reach, however many callers there are: measured at 1 to 9 rows
+      per run for the same 32 callers.
+    - `ran_out` (the delay passed first): what it got; fewer callers are coming than the target said. The
+      batcher then holds off growing for a while (`_PROBE_HOLD_DELAYS`), so that trying for one more caller
+      than there are costs one delay per period, not every other batch.
+    - otherwise (growth on hold): at least what it got.
+    """
+    if outcome == "ran_out":
+        target = rows
+    elif may_grow:
+        target = rows + 1
+    else:
+        target = max(target_rows, rows)
+    return max(1, min(target, policy.max_batch_size))
 
 
 class Batcher:
@@ -157,10 +187,10 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._previous_ended_at = float("-inf")  # when the last batch ended (loop time)
         self._rows_queued_at_end = 0  # rows that were queued when it ended
-        # The largest recent batch (rows) and when it ended: how many rows the adaptive policy waits for.
-        self._peak_rows = 0
-        self._peak_ended_at = float("-inf")
-        self._peak_horizon_s = _PEAK_HORIZON_DELAYS * policy.max_delay_ms / 1000.0
+        # How many rows the adaptive policy waits for (`next_target_rows`), and until when it may not grow.
+        self._target_rows = 0
+        self._hold_until = float("-inf")
+        self._hold_delays = _PROBE_HOLD_DELAYS[0]
         # Seconds a run of N rows takes (moving average of recent runs): which batches run inline.
         self._run_seconds: dict[int, float] = {}
         self._inline_max_s = policy.inline_max_ms / 1000.0
@@ -222,21 +252,26 @@ class Batcher:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
+        waited = False  # whether the rows queued now waited for more
         while True:
             if not self._queue:
                 self._wake_at_rows = 1
+                waited = False
                 await self._sleep(None)
                 continue
             now = loop.time()
             oldest = self._queue.oldest()
             gap_s = oldest - self._previous_ended_at
             during = self._rows_queued_at_end if gap_s < 0 else 0
-            expected = expected_rows(self.policy, self._peak_rows, during)
+            expected = expected_rows(self.policy, self._target_rows, during)
             wait_s = batch_wait_seconds(self.policy, self._queue.rows, now - oldest, expected, gap_s)
             if wait_s > 0:  # wake early once the expected (adaptive) or a full batch is queued
                 self._wake_at_rows = expected if self.policy.batch_wait == "adaptive" else self.policy.max_batch_size
+                waited = True
                 await self._sleep(wait_s)
                 continue
+            outcome: WaitOutcome = "none" if not waited else "filled" if self._queue.rows >= expected else "ran_out"
+            waited = False
             batch = self._take(now)
             if batch:
                 try:
@@ -246,14 +281,19 @@ class Batcher:
                     for item in batch:
                         if not item.future.done():
                             item.future.set_exception(exc)
-                self._batch_ended(sum(item.size for item in batch), loop.time())
+                self._batch_ended(sum(item.size for item in batch), outcome, loop.time())
 
-    def _batch_ended(self, rows: int, now: float) -> None:
-        """Remember the batch for the adaptive policy: the largest within the horizon is what it expects."""
+    def _batch_ended(self, rows: int, outcome: WaitOutcome, now: float) -> None:
+        """Remember the batch for the adaptive policy: when it ended, what came during it, what to wait for."""
         self._previous_ended_at = now
         self._rows_queued_at_end = self._queue.rows  # they arrived while it ran
-        if rows >= self._peak_rows or now - self._peak_ended_at > self._peak_horizon_s:
-            self._peak_rows, self._peak_ended_at = rows, now
+        may_grow = now >= self._hold_until
+        self._target_rows = next_target_rows(self.policy, self._target_rows, rows, outcome, may_grow)
+        if outcome == "ran_out":
+            self._hold_until = now + self._hold_delays * self.policy.max_delay_ms / 1000.0
+            self._hold_delays = min(2 * self._hold_delays, _PROBE_HOLD_DELAYS[1])
+        elif outcome == "filled":
+            self._hold_delays = _PROBE_HOLD_DELAYS[0]
 
     async def _sleep(self, timeout_s: float | None) -> None:
         """Wait until `_enqueue` wakes the worker, or `timeout_s` passes."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from serving.dataplane.admission import CALLER
-from serving.dataplane.batcher import Batcher, BatchSettings, batch_wait_seconds, expected_rows
+from serving.dataplane.batcher import Batcher, BatchSettings, batch_wait_seconds, expected_rows, next_target_rows
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
 
@@ -36,6 +36,7 @@ class FakeModel:
 class Recorder:
     def __init__(self) -> None:
         self.runs: list[tuple[int, int]] = []  # (rows, requests)
+        self.waits: list[tuple[int, list[float]]] = []  # (rows, each request's seconds in the queue)
         self.depths: list[int] = []
 
     def queue_depth(self, graph: str, rows: int) -> None:
@@ -43,6 +44,7 @@ class Recorder:
 
     def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
         self.runs.append((rows, len(queue_wait_seconds)))
+        self.waits.append((rows, list(queue_wait_seconds)))
 
 
 def rows(count: int, start: float = 0.0) -> np.ndarray:
@@ -85,14 +87,18 @@ async def hold_worker(batcher: Batcher, model: FakeModel) -> asyncio.Future[tupl
     return await blocked_run(model, batcher, rows(1, start=-1.0))
 
 
-async def test_a_lone_request_runs_at_once_without_waiting_out_the_delay() -> None:
-    model = FakeModel()
-    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=3_600_000), model)
-    for i in range(3):  # a lone caller, one request after the other: nobody else is coming
-        # The delay is an hour: a request that waited it out would time out here, however loaded the machine.
+async def test_a_lone_caller_waits_out_the_delay_once_then_runs_at_once() -> None:
+    model, recorder = FakeModel(), Recorder()
+    # A delay of 2 s: far beyond a run that does not wait, however loaded the machine.
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=2000), model, recorder)
+    for i in range(5):  # a lone caller, one request after the other
         (doubled, _) = await asyncio.wait_for(batcher.run(rows(2, start=i)), timeout=60)
         np.testing.assert_array_equal(doubled, rows(2, start=i) * 2.0)
-    assert model.batches == [2, 2, 2]
+    assert model.batches == [2, 2, 2, 2, 2]
+    # The second request waited for a second caller (the policy tries for one more row than came) and ran
+    # alone when the delay was out; after that the policy holds off trying for 100 delays: the others ran at once.
+    waited = [wait >= 2.0 for (_, waits) in recorder.waits for wait in waits]
+    assert waited == [False, True, False, False, False]
     await batcher.close()
 
 
@@ -107,18 +113,28 @@ async def test_fixed_wait_holds_a_lone_request_for_the_delay() -> None:
     await batcher.close()
 
 
-async def test_after_a_merged_batch_the_next_one_waits_for_as_many_rows() -> None:
+async def test_after_a_merged_batch_the_next_waits_for_one_more_row_then_holds() -> None:
     model = FakeModel()
-    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=60_000), model)
+    batcher = await started(BatchSettings(max_batch_size=64, max_delay_ms=2000), model)
+    loop = asyncio.get_running_loop()
     first = [batcher.run(rows(1, start=i)) for i in range(3)]
     await asyncio.wait_for(asyncio.gather(*first), timeout=5)  # queued together: one run of 3
-    # Their callers come back one by one: the first waits (a batch of 3 just ran) until all three are in.
+    # Their callers come back one by one: the batch waits for a fourth, which never comes, until the delay is out.
+    sent = loop.time()
     back_first = asyncio.ensure_future(batcher.run(rows(1)))
     await asyncio.sleep(0.05)
     assert not back_first.done() and batcher.queued_rows == 1
-    back_later = [batcher.run(rows(1, start=i)) for i in range(2)]
-    await asyncio.wait_for(asyncio.gather(back_first, *back_later), timeout=5)
-    assert model.batches == [3, 3]
+    back_later = [asyncio.ensure_future(batcher.run(rows(1, start=i))) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert not back_first.done() and batcher.queued_rows == 3
+    await asyncio.wait_for(asyncio.gather(back_first, *back_later), timeout=10)
+    assert loop.time() - sent >= 2.0
+    # That wait ran out with 3: the policy now waits for 3, and no more for a while.
+    sent = loop.time()
+    again = [asyncio.ensure_future(batcher.run(rows(1, start=i))) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*again), timeout=10)
+    assert loop.time() - sent < 2.0
+    assert model.batches == [3, 3, 3]
     await batcher.close()
 
 
@@ -163,12 +179,24 @@ async def test_requests_that_arrived_during_a_run_wait_for_one_more() -> None:
     await batcher.close()
 
 
-def test_expected_rows_is_the_recent_peak_or_one_more_than_arrived_during_a_run() -> None:
+def test_expected_rows_is_the_target_or_one_more_than_arrived_during_a_run() -> None:
     policy = BatchSettings(max_batch_size=8, max_delay_ms=10)
-    assert expected_rows(policy, peak_rows=4, rows_during_run=0) == 4
-    assert expected_rows(policy, peak_rows=1, rows_during_run=2) == 3  # two came during the run
-    assert expected_rows(policy, peak_rows=1, rows_during_run=0) == 1  # a lone caller
-    assert expected_rows(policy, peak_rows=20, rows_during_run=9) == 8  # at most a full batch
+    assert expected_rows(policy, target_rows=4, rows_during_run=0) == 4
+    assert expected_rows(policy, target_rows=1, rows_during_run=2) == 3  # two came during the run
+    assert expected_rows(policy, target_rows=1, rows_during_run=0) == 1
+    assert expected_rows(policy, target_rows=20, rows_during_run=9) == 8  # at most a full batch
+
+
+def test_the_target_grows_while_rows_come_and_falls_to_what_came_when_a_wait_runs_out() -> None:
+    policy = BatchSettings(max_batch_size=8, max_delay_ms=10)
+    # target, rows of the batch, how its wait ended, whether the target may grow now
+    assert next_target_rows(policy, 4, 4, "filled", may_grow=True) == 5  # they came in time: try for one more
+    assert next_target_rows(policy, 4, 6, "none", may_grow=True) == 7  # more than expected were there already
+    assert next_target_rows(policy, 5, 3, "ran_out", may_grow=True) == 3  # only 3 came within the delay
+    assert next_target_rows(policy, 3, 3, "filled", may_grow=False) == 3  # holding: no more than came
+    assert next_target_rows(policy, 3, 5, "none", may_grow=False) == 5  # ... but never fewer
+    assert next_target_rows(policy, 8, 8, "filled", may_grow=True) == 8  # at most a full batch
+    assert next_target_rows(policy, 2, 0, "ran_out", may_grow=True) == 1  # all of it expired: still 1
 
 
 async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
