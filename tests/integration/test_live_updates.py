@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import Iterator
@@ -143,3 +144,43 @@ def test_the_cli_asks_for_a_label_or_a_version_and_says_which_answered(
         ]
         assert cli.main(["--target", server.target, "--model-version", "7", "info"]) == 1
         assert "NOT_FOUND: model version 7 is not served" in capsys.readouterr().err
+
+
+async def test_shutdown_waits_for_a_retired_version_that_is_still_closing(model_dir: Path) -> None:
+    """A version retired under a lease closes in a task of its own once the lease ends; `close` must await
+    that task, so that shutdown leaves nothing running (and no task pending when the event loop ends)."""
+    from serving.dataplane.batcher import BatchSettings
+    from serving.dataplane.engine import LimitSettings
+    from serving.dataplane.runtime import RuntimeSettings
+    from serving.lifecycle.manager import ModelManager, RepositorySettings
+    from serving.metrics import Metrics
+
+    class Recording(Metrics):
+        def __init__(self) -> None:
+            super().__init__(["Decode"])
+            self.unloaded: list[int] = []
+
+        def model_unloaded(self, version: int) -> None:
+            self.unloaded.append(version)
+            super().model_unloaded(version)
+
+    observer = Recording()
+    with ThreadPoolExecutor(1) as executor:
+        manager = ModelManager(
+            RepositorySettings(model_dir=model_dir, poll_seconds=0),
+            RuntimeSettings(provider="cpu", intra_op_threads=1),
+            BatchSettings(),
+            LimitSettings(),
+            executor,
+            observer,
+        )
+        await manager.start()
+        async with manager.lease() as engine:
+            publish_copy(model_dir, 2)
+            await manager.refresh("test")  # version 2 takes new requests; version 1 retires once this lease ends
+            assert engine.version.number == 1 and manager.engine().version.number == 2
+        closing = [task for task in asyncio.all_tasks() if task.get_name() == "model-close"]
+        assert len(closing) == 1 and not closing[0].done()  # version 1 closes in a task of its own
+        await manager.close()
+        assert closing[0].done() and closing[0].exception() is None
+        assert observer.unloaded == [1]
