@@ -36,7 +36,7 @@ from bench.attacks import (
 from serving.api import pb
 from serving.api.tensors import tensor_to_proto
 from serving.client import VaeClient
-from tests.helpers import ServerProcess, scrape, wait_until
+from tests.helpers import ServerProcess, publish_copy, scrape, wait_until
 
 MIB = 1024 * 1024
 
@@ -68,9 +68,9 @@ def test_calls_that_never_send_their_message_take_no_slot_and_end_within_the_rec
     assert "Traceback" not in text
 
 
-def test_idle_connections_beyond_the_cap_are_refused_and_the_other_ports_answer(exported_repository: Path) -> None:
-    flags = ("--max-connections=40", "--handshake-timeout-seconds=1", "--health-port=0")
-    with _server(exported_repository, *flags) as server:
+def test_idle_connections_beyond_the_cap_are_refused_and_the_other_ports_answer(model_dir: Path) -> None:
+    flags = ("--max-connections=40", "--handshake-timeout-seconds=1", "--health-port=0", "--poll-seconds=0.2")
+    with _server(model_dir, *flags) as server:
         started = next(event for event in server.events() if event["event"] == "server_started")
         port = int(started["grpc_address"].rsplit(":", 1)[1])
         descriptors_before = len(os.listdir(f"/proc/{server.process.pid}/fd"))
@@ -82,10 +82,18 @@ def test_idle_connections_beyond_the_cap_are_refused_and_the_other_ports_answer(
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
                 assert response.status == 200
+            # the model poller still opens files: a new version is loaded while the connections sit at the cap
+            publish_copy(model_dir, 2)
+            wait_until(lambda: _loaded(server, 2), timeout_s=30, what="version 2 loaded")
             # the 40 that never sent a preface are closed after the handshake timeout, and the port takes calls
             wait_until(lambda: all(map(closed_by_peer, sockets)), timeout_s=30, what="every idle connection closed")
             with VaeClient(server.target, retries=0) as client:
-                assert client.sample(1).images.shape == (1, 1, 28, 28)
+                sample = client.sample(1)
+                assert sample.images.shape == (1, 1, 28, 28) and sample.model_version == 2
+
+
+def _loaded(server: ServerProcess, version: int) -> bool:
+    return any(event["event"] == "model_loaded" and event.get("version") == version for event in server.events())
 
 
 def _peak_rss_during(server: ServerProcess, stop: threading.Event, peak: list[int]) -> None:
