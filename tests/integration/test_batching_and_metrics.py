@@ -205,3 +205,30 @@ def test_request_logging_writes_one_json_line_per_request(
     # the line's duration is the one the latency histogram recorded, and the server's part of the round trip
     assert sum(f["duration_ms"] for f in fields) == pytest.approx(histogram_sum_s * 1000, abs=0.002)
     assert 0 < fields[0]["duration_ms"] < round_trip_ms
+
+
+def test_the_request_log_names_the_protocol_of_each_request(
+    exported_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="serving.grpc.interceptors")
+    caplog.set_level("INFO", logger="serving.http.rest")
+    z = np.zeros((2, 20), np.float32)
+    with running_server(exported_repository, log_requests=True) as server, VaeClient(server.target) as client:
+        client.decode(z)
+        request = oip.ModelInferRequest(model_name="vae-mnist-decoder")
+        request.inputs.add(name="z", datatype="FP32", shape=z.shape)
+        request.raw_input_contents.append(z.tobytes())
+        with grpc.insecure_channel(server.target) as channel:
+            oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        body = {"inputs": [{"name": "z", "datatype": "FP32", "shape": [2, 20], "data": z.ravel().tolist()}]}
+        post = urllib.request.Request(
+            f"{server.http_url}/v2/models/vae-mnist-decoder/infer", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(post, timeout=30) as response:
+            assert response.status == 200
+    fields = [record.__dict__["fields"] for record in caplog.records if record.getMessage() == "request"]
+    assert [(f["method"], f["protocol"], f["code"], f["version"], f["items"]) for f in fields] == [
+        ("Decode", "grpc", "OK", 1, 2),
+        ("ModelInfer", "grpc", "OK", 1, 2),
+        ("ModelInfer", "http", "OK", 1, 2),
+    ]

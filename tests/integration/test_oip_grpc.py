@@ -5,7 +5,10 @@ what was wrong.
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,8 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving.api import oip, oip_grpc
 from serving.client import VaeClient
 from serving.grpc.oip_servicer import parameter_message
+from serving.lifecycle.admin import set_label
 from serving.oip.models import Param
-from tests.helpers import ServerThread
+from tests.helpers import ServerThread, publish_copy, running_server
 
 MODEL = "vae-mnist"
 RNG = np.random.default_rng(7)
@@ -162,6 +166,34 @@ def test_a_label_is_accepted_where_a_version_is_and_the_reply_names_the_number(
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "label 'no-such-label'" in str(missing.value.details())
     request.model_version = "1"
     assert stub.ModelInfer(request, timeout=30).model_version == "1"
+
+
+def test_a_served_label_answers_over_both_protocols_and_the_reply_names_its_number(model_dir: Path) -> None:
+    publish_copy(model_dir, 2)
+    set_label(model_dir, "stable", 1)
+    request = oip.ModelInferRequest(model_name=f"{MODEL}-decoder", model_version="stable")
+    raw_input(request, "z", LATENTS, "FP32")
+    with running_server(model_dir, poll_seconds=0) as server, grpc.insecure_channel(server.target) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(oip.ModelReadyRequest(name=f"{MODEL}-decoder", version="stable"), timeout=30).ready
+        assert stub.ModelInfer(request, timeout=30).model_version == "1"
+        request.model_version = ""  # the default route: the newest version, no label set as the default
+        assert stub.ModelInfer(request, timeout=30).model_version == "2"
+        body = {"inputs": [{"name": "z", "datatype": "FP32", "shape": [4, 20], "data": LATENTS.ravel().tolist()}]}
+        url = f"{server.http_url}/v2/models/{MODEL}-decoder/versions/stable/infer"
+        post = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(post, timeout=30) as response:
+            assert json.loads(response.read())["model_version"] == "1"
+
+
+@pytest.mark.parametrize("method", ["ModelStatistics", "RepositoryIndex", "SystemSharedMemoryStatus", "TraceSetting"])
+def test_the_rest_of_triton_s_rpcs_answer_unimplemented(vae_server: ServerThread, method: str) -> None:
+    """Triton's superset beyond the eight RPCs served: tritonclient gets UNIMPLEMENTED, a clear 'not here'."""
+    with grpc.insecure_channel(vae_server.target) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def bad_request(change: str) -> oip.ModelInferRequest:
