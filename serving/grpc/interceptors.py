@@ -62,8 +62,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self.reply_items = reply_items
         self.admission = admission
         self.log_requests = log_requests
-        # Streams whose handler counts each request message in the metrics (ModelStreamInfer): the stream itself
-        # is counted only when it fails as a whole (refused, or broken), never as one more request.
+        # Streams whose handler counts and logs each request message (ModelStreamInfer): the stream itself is
+        # counted and logged only when it fails as a whole (refused, or broken), never as one more request.
         self.counted_by_message = frozenset(counted_by_message)
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -261,15 +261,20 @@ class _Call:
             interceptor.admission.drain.finished()
         duration = time.perf_counter() - self.started
         version = _served_version(self.context)
-        if self.method not in interceptor.counted_by_message or code not in ("OK", "CANCELLED"):
-            interceptor.metrics.request_finished(self.method, code, version, duration, items)
+        if self.method in interceptor.counted_by_message and code in ("OK", "CANCELLED"):
+            return  # its messages were counted and logged one by one
+        interceptor.metrics.request_finished(self.method, code, version, duration, items)
         if interceptor.log_requests:
-            fields = {
-                "method": self.method, "protocol": "grpc", "code": code,
-                "version": int(version) if version else None,
-                "duration_ms": round(duration * 1000, 3), "items": items,
-            }  # fmt: skip
-            log.info("request", extra={"fields": fields})
+            log_request(self.method, code, version, duration, items)
+
+
+def log_request(method: str, code: str, version: str, duration_s: float, items: int | None) -> None:
+    """The request log's line for one gRPC request (a call, or one ModelStreamInfer message)."""
+    fields = {
+        "method": method, "protocol": "grpc", "code": code, "version": int(version) if version else None,
+        "duration_ms": round(duration_s * 1000, 3), "items": items,
+    }  # fmt: skip
+    log.info("request", extra={"fields": fields})
 
 
 def _served_version(context: grpc.aio.ServicerContext) -> str:

@@ -21,6 +21,7 @@ answered. A transport (`serving.grpc.oip_servicer`) turns its messages into an `
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,6 @@ PROTOCOL_PARAMETERS = frozenset(
         "sequence_start",
         "sequence_end",
         "priority",
-        "timeout",
         "headers",
     }
 )
@@ -125,11 +125,11 @@ class _Arguments:
         self.kind = operation.kind
         self.inputs = request.inputs
         self.parameters = request.parameters
-        self.deadline = request.deadline
+        self.deadline = _deadline(request)
         missing = [spec.name for spec in operation.inputs if spec.name not in request.inputs]
         if missing:
             raise InvalidRequest(f"{self.kind} needs the input(s) {', '.join(map(repr, missing))}")
-        unknown = sorted(set(request.parameters) - set(operation.parameters) - PROTOCOL_PARAMETERS)
+        unknown = sorted(set(request.parameters) - set(operation.parameters) - PROTOCOL_PARAMETERS - {"timeout"})
         if unknown:
             accepted = ", ".join(sorted(operation.parameters)) or "none"
             raise InvalidRequest(
@@ -154,6 +154,20 @@ class _Arguments:
         if value not in ("FP32", "UINT8"):
             raise InvalidRequest(f"output_datatype {value!r} is not one of FP32 (default), UINT8")
         return "uint8" if value == "UINT8" else "float32"
+
+
+def _deadline(request: InferRequest) -> float | None:
+    """The request's deadline (event-loop time): the transport's (a gRPC call's), or sooner by Triton's
+    `timeout` parameter (microseconds from now, as tritonclient's `infer(timeout=...)` sends it; 0: none)."""
+    timeout = request.parameters.get("timeout")
+    if timeout is None:
+        return request.deadline
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+        raise InvalidRequest(f"parameter 'timeout' is {timeout!r}; it is microseconds, an integer >= 0 (0: none)")
+    if timeout == 0:
+        return request.deadline
+    deadline = asyncio.get_running_loop().time() + timeout / 1e6
+    return deadline if request.deadline is None else min(deadline, request.deadline)
 
 
 def _check_kind(name: str, value: Param, kind: type) -> None:

@@ -38,7 +38,7 @@ from serving.api import OIP_SERVICE_NAME, SERVICE_METHODS, SERVICE_NAME, oip_grp
 from serving.dataplane.admission import Admission
 from serving.dataplane.runtime import ProviderUnavailable
 from serving.errors import StartupError
-from serving.grpc.interceptors import RequestInterceptor
+from serving.grpc.interceptors import RequestInterceptor, log_request
 from serving.grpc.oip_servicer import InferenceServicer, reply_items
 from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
 from serving.http.listener import HttpLimits, HttpListener, start_http
@@ -145,6 +145,17 @@ def reply_fits(config: ServerConfig) -> Callable[[ModelVersion], None]:
     return check
 
 
+def stream_message_done(metrics: Metrics, log_requests: bool) -> Callable[[str, str, float, int | None], None]:
+    """What one ModelStreamInfer message leaves behind: its request metrics and, when asked, its log line."""
+
+    def done(code: str, version: str, seconds: float, items: int | None) -> None:
+        metrics.request_finished("ModelStreamInfer", code, version, seconds, items)
+        if log_requests:
+            log_request("ModelStreamInfer", code, version, seconds, items)
+
+    return done
+
+
 async def build_grpc_server(
     config: ServerConfig, models: ModelManager, metrics: Metrics, catalogue: Catalogue, admission: Admission
 ) -> tuple[grpc.aio.Server, RequestInterceptor, health_aio.HealthServicer]:
@@ -168,9 +179,7 @@ async def build_grpc_server(
         lambda: is_serving(health),
         package_version(),
         config.admission.max_stream_requests_in_flight,
-        lambda code, version, seconds, items: metrics.request_finished(
-            "ModelStreamInfer", code, version, seconds, items
-        ),
+        stream_message_done(metrics, config.process.log_requests),
     )
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     for service in HEALTH_SERVICES:

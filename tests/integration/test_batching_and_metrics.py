@@ -226,9 +226,23 @@ def test_the_request_log_names_the_protocol_of_each_request(
         )
         with urllib.request.urlopen(post, timeout=30) as response:
             assert response.status == 200
+        bad = oip.ModelInferRequest(model_name="vae-mnist-decoder", id="bad")
+        bad.inputs.add(name="z", datatype="FP64", shape=z.shape)
+        bad.raw_input_contents.append(z.astype(np.float64).tobytes())
+        with grpc.insecure_channel(server.target) as channel:
+            replies = list(
+                oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([request, bad]), timeout=30)
+            )
+        assert sorted(bool(reply.error_message) for reply in replies) == [False, True]  # in the order they finish
     fields = [record.__dict__["fields"] for record in caplog.records if record.getMessage() == "request"]
-    assert [(f["method"], f["protocol"], f["code"], f["version"], f["items"]) for f in fields] == [
+    lines = [(f["method"], f["protocol"], f["code"], f["version"], f["items"]) for f in fields]
+    assert lines[:3] == [
         ("Decode", "grpc", "OK", 1, 2),
         ("ModelInfer", "grpc", "OK", 1, 2),
         ("ModelInfer", "http", "OK", 1, 2),
+    ]
+    # a stream: a line per message, as its metrics count them, and none for the stream, which ended well
+    assert sorted(lines[3:], key=str) == [
+        ("ModelStreamInfer", "grpc", "INVALID_ARGUMENT", None, None),
+        ("ModelStreamInfer", "grpc", "OK", 1, 2),
     ]

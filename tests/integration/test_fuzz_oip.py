@@ -35,8 +35,9 @@ ALLOWED = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,  # a `timeout` parameter of a few microseconds
 }
-REST_ALLOWED = {200, 400, 404, 413, 429}
+REST_ALLOWED = {200, 400, 404, 413, 429, 504}
 KINDS = ("encoder", "decoder", "sample", "score", "reconstruct", "interpolate", "traverse")
 
 
@@ -78,7 +79,8 @@ SHAPES = st.one_of(
 )
 PARAMETER_NAMES = st.one_of(
     st.sampled_from(["num_samples", "seed", "offset", "temperature", "steps", "method", "dimensions", "low", "high",
-                     "importance_samples", "sample_posterior", "relative", "output_datatype", "binary_data_output"]),
+                     "importance_samples", "sample_posterior", "relative", "output_datatype", "binary_data_output",
+                     "timeout"]),
     st.text(max_size=6),
 )  # fmt: skip
 PARAMETER_VALUES = st.one_of(

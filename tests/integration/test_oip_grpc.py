@@ -196,6 +196,20 @@ def test_the_rest_of_triton_s_rpcs_answer_unimplemented(vae_server: ServerThread
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_triton_s_timeout_parameter_is_the_request_s_deadline(stub: oip_grpc.GRPCInferenceServiceStub) -> None:
+    """tritonclient's `infer(timeout=...)` sends microseconds as the parameter `timeout`: 1 µs has passed by the
+    time the batcher looks, so the request is dropped unrun; a minute is plenty; a negative one is refused."""
+    with pytest.raises(grpc.RpcError) as late:
+        infer(stub, "decoder", {"z": LATENTS}, timeout=1)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline passed" in str(late.value.details())
+    assert len(outputs(infer(stub, "decoder", {"z": LATENTS}, timeout=60_000_000))["x"]) == 4
+    with pytest.raises(grpc.RpcError) as negative:
+        infer(stub, "decoder", {"z": LATENTS}, timeout=-1)
+    assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameter 'timeout' is -1; it is microseconds" in str(negative.value.details())
+
+
 def bad_request(change: str) -> oip.ModelInferRequest:
     """A decoder request with one thing wrong."""
     request = oip.ModelInferRequest(model_name=f"{MODEL}-decoder")

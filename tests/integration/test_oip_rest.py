@@ -168,6 +168,19 @@ def test_an_unknown_model_or_version_is_404(vae_server: ServerThread) -> None:
     assert call(f"{vae_server.http_url}/v3/anything")[0] == 404
 
 
+def test_triton_s_timeout_parameter_is_the_deadline_of_a_rest_request(vae_server: ServerThread) -> None:
+    """REST has no deadline of its own: tritonclient.http's `infer(timeout=...)` sends microseconds as the
+    parameter `timeout`, and a request still queued when it passes gets 504 without running."""
+    url = f"{vae_server.http_url}/v2/models/{MODEL}-decoder/infer"
+    z = {"name": "z", "datatype": "FP32", "shape": [2, 20], "data": [0.0] * 40}
+    status, reply = post_json(url, {"inputs": [z], "parameters": {"timeout": 1}})
+    assert status == 504 and "deadline passed" in reply["error"]
+    status, reply = post_json(url, {"inputs": [z], "parameters": {"timeout": 60_000_000}})
+    assert status == 200 and reply["outputs"][0]["shape"] == [2, 1, 28, 28]
+    status, reply = post_json(url, {"inputs": [z], "parameters": {"timeout": "soon"}})
+    assert status == 400 and "parameter 'timeout' is 'soon'" in reply["error"]
+
+
 def test_rest_requests_are_counted_with_their_protocol(vae_server: ServerThread) -> None:
     post_json(f"{vae_server.http_url}/v2/models/{MODEL}-sample/infer", {"parameters": {"num_samples": 2}})
     requests = scrape(vae_server.metrics_url)["vae_requests_total"]
