@@ -102,6 +102,23 @@ def test_encoder_and_decoder_answer_what_the_typed_api_answers(
     np.testing.assert_array_equal(outputs(reply)["x"], vae_client.decode(LATENTS, output_dtype="uint8").images)
 
 
+def test_fp32_images_answer_as_the_typed_api_answers_them(
+    stub: oip_grpc.GRPCInferenceServiceStub, vae_client: VaeClient
+) -> None:
+    images = IMAGES.astype(np.float32) / 255.0
+    encoded = outputs(infer(stub, "encoder", {"x": images}))
+    np.testing.assert_array_equal(encoded["mu"], vae_client.encode(images).mu)
+    scored = outputs(infer(stub, "score", {"x": images}, seed=3))
+    np.testing.assert_array_equal(scored["negative_elbo"], vae_client.score(images, seed=3).negative_elbo)
+
+
+def test_more_rows_than_the_limit_get_invalid_argument_naming_it(stub: oip_grpc.GRPCInferenceServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        infer(stub, "decoder", {"z": np.zeros((1025, 20), np.float32)})
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is 1025, more than this server's limit of 1024 per request" in str(refused.value.details())
+
+
 def test_seeded_operations_are_bit_identical_across_the_two_protocols(
     stub: oip_grpc.GRPCInferenceServiceStub, vae_client: VaeClient
 ) -> None:

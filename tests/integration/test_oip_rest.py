@@ -5,6 +5,7 @@ docs/serving.md run as written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -16,11 +17,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
+from serving.api import oip, oip_grpc, pb, pb_grpc
 from serving.client import VaeClient
-from tests.helpers import ROOT, ServerThread, running_server, scrape
+from tests.helpers import ROOT, ServerThread, running_server, scrape, wait_until
 
 MODEL = "vae-mnist"
 LATENTS = np.random.default_rng(5).standard_normal((3, 20)).astype(np.float32)
@@ -179,6 +182,37 @@ def test_triton_s_timeout_parameter_is_the_deadline_of_a_rest_request(vae_server
     assert status == 200 and reply["outputs"][0]["shape"] == [2, 1, 28, 28]
     status, reply = post_json(url, {"inputs": [z], "parameters": {"timeout": "soon"}})
     assert status == 400 and "parameter 'timeout' is 'soon'" in reply["error"]
+
+
+def test_more_rows_than_the_limit_get_400_naming_it(vae_server: ServerThread) -> None:
+    body, headers = binary_body({"z": ("FP32", np.zeros((1025, 20), np.float32))})
+    status, _, reply = call(f"{vae_server.http_url}/v2/models/{MODEL}-decoder/infer", body, headers)
+    assert status == 400
+    assert "is 1025, more than this server's limit of 1024 per request" in json.loads(reply)["error"]
+
+
+def test_a_draining_server_refuses_new_requests_over_every_protocol(exported_repository: Path) -> None:
+    """Once the drain has begun: typed API and ModelInfer UNAVAILABLE, REST 503, each saying to go elsewhere."""
+    with running_server(exported_repository) as server:
+        drain = server.running.interceptor.admission.drain
+        closing = asyncio.run_coroutine_threadsafe(drain.close(30), server.loop)
+        wait_until(lambda: not drain.accepting, what="the drain began")
+        request = oip.ModelInferRequest(model_name=f"{MODEL}-decoder")
+        request.inputs.add(name="z", datatype="FP32", shape=[1, 20])
+        request.raw_input_contents.append(np.zeros((1, 20), np.float32).tobytes())
+        with grpc.insecure_channel(server.target) as channel:
+            for rpc in (
+                lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30),
+                lambda: pb_grpc.VaeServiceStub(channel).Sample(pb.SampleRequest(num_samples=1), timeout=30),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    rpc()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in str(refused.value.details())
+        body, headers = binary_body({"z": ("FP32", np.zeros((1, 20), np.float32))})
+        status, _, reply = call(f"{server.http_url}/v2/models/{MODEL}-decoder/infer", body, headers)
+        assert status == 503 and "shutting down" in json.loads(reply)["error"]
+        assert closing.result(10) is True  # nothing was running: the drain ends at once
 
 
 def test_rest_requests_are_counted_with_their_protocol(vae_server: ServerThread) -> None:
