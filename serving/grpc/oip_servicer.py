@@ -189,29 +189,31 @@ def _raw(request: oip.ModelInferRequest) -> bool:
 def infer_request(catalogue: Catalogue, request: oip.ModelInferRequest, deadline: float | None) -> InferRequest:
     """A ModelInferRequest as the protocol's neutral request, its tensors checked against the model's inputs."""
     operation = catalogue.operation(request.model_name)
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    raw = request.raw_input_contents
+    tensors_in = request.inputs
+    if raw and len(raw) != len(tensors_in):
         raise InvalidRequest(
-            f"the request has {len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input"
+            f"the request has {len(raw)} raw_input_contents for {len(tensors_in)} inputs: give one per input"
         )
-    mixed = next((tensor.name for tensor in request.inputs if raw and tensor.HasField("contents")), None)
-    if mixed is not None:
-        raise InvalidRequest(f"input {mixed!r} has contents although the request sends raw_input_contents")
     inputs: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
-        shape = list(tensor.shape)
+    for index, tensor in enumerate(tensors_in):
         if raw:
-            add_input(operation, inputs, tensor.name, tensor.datatype, shape, raw=raw[index])
+            if tensor.HasField("contents"):
+                raise InvalidRequest(
+                    f"input {tensor.name!r} has contents although the request sends raw_input_contents"
+                )
+            add_input(operation, inputs, tensor.name, tensor.datatype, list(tensor.shape), raw=raw[index])
         else:  # an unknown datatype has no contents field: add_input names it
             field = _CONTENTS.get(tensor.datatype)
             values = [] if field is None else getattr(tensor.contents, field)
-            add_input(operation, inputs, tensor.name, tensor.datatype, shape, values=values)
+            add_input(operation, inputs, tensor.name, tensor.datatype, list(tensor.shape), values=values)
+    parameters = request.parameters
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
         inputs=inputs,
-        parameters={name: parameter_value(name, value) for name, value in request.parameters.items()},
-        outputs=[output.name for output in request.outputs],
+        parameters={name: parameter_value(name, value) for name, value in parameters.items()} if parameters else {},
+        outputs=[output.name for output in request.outputs] if request.outputs else (),
         deadline=deadline,
     )
 
@@ -237,7 +239,7 @@ def parameter_message(value: Param) -> oip.InferParameter:
 
 def infer_response(result: InferResult, request: oip.ModelInferRequest, raw: bool) -> oip.ModelInferResponse:
     response = oip.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
-    for name, value in result.parameters.items():
+    for name, value in result.parameters.items():  # most replies have none
         response.parameters[name].CopyFrom(parameter_message(value))
     for name, array in result.outputs.items():
         output = response.outputs.add(name=name, datatype=tensors.datatype_of(array), shape=array.shape)

@@ -129,15 +129,19 @@ class _Arguments:
         missing = [spec.name for spec in operation.inputs if spec.name not in request.inputs]
         if missing:
             raise InvalidRequest(f"{self.kind} needs the input(s) {', '.join(map(repr, missing))}")
-        unknown = sorted(set(request.parameters) - set(operation.parameters) - PROTOCOL_PARAMETERS - {"timeout"})
+        if request.parameters:  # most requests send none: this is on every request's path
+            self._check_parameters(operation)
+
+    def _check_parameters(self, operation: Operation) -> None:
+        unknown = sorted(set(self.parameters) - set(operation.parameters) - PROTOCOL_PARAMETERS - {"timeout"})
         if unknown:
             accepted = ", ".join(sorted(operation.parameters)) or "none"
             raise InvalidRequest(
                 f"{self.kind} has no parameter {', '.join(map(repr, unknown))}; its parameters: {accepted}"
             )
         for name, kind in operation.parameters.items():
-            if name in request.parameters:
-                _check_kind(name, request.parameters[name], kind)
+            if name in self.parameters:
+                _check_kind(name, self.parameters[name], kind)
 
     def tensor(self, name: str) -> np.ndarray:
         return self.inputs[name]
@@ -480,12 +484,14 @@ class Catalogue:
         wanted = list(request.outputs)
         async with self.models.lease(*version_choice(request.version)) as engine:
             arguments = _Arguments(operation, request)
-            known = [spec.name for spec in operation.outputs]
-            unknown = [name for name in wanted if name not in known]
-            if unknown:
-                raise InvalidRequest(
-                    f"{operation.kind} has no output {', '.join(map(repr, unknown))}; its outputs: {', '.join(known)}"
-                )
+            if wanted:
+                known = [spec.name for spec in operation.outputs]
+                unknown = [name for name in wanted if name not in known]
+                if unknown:
+                    raise InvalidRequest(
+                        f"{operation.kind} has no output {', '.join(map(repr, unknown))}; its outputs: "
+                        + ", ".join(known)
+                    )
             outputs, parameters = await operation.run(engine, arguments)
             number = engine.version.number
         if wanted:

@@ -40,7 +40,7 @@ def element_count(name: str, shape: Sequence[int]) -> int:
     """The number of elements of a tensor's declared shape, checked: non-negative dimensions, not too many."""
     if len(shape) > MAX_DIMENSIONS:
         raise InvalidRequest(f"input {name!r} has {len(shape)} dimensions; at most {MAX_DIMENSIONS} are accepted")
-    if any(dim < 0 for dim in shape):
+    if min(shape, default=0) < 0:
         raise InvalidRequest(f"input {name!r} has shape {list(shape)}: dimensions must be >= 0")
     return math.prod(shape)
 
