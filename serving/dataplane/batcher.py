@@ -151,9 +151,9 @@ def next_target_rows(policy: BatchSettings, target_rows: int, rows: int, outcome
       (gRPC's server takes one new call per event-loop turn), a target that only followed past batches would
       stay at whatever size they happened to reach, however many callers there are: measured at 1 to 9 rows
       per run for the same 32 callers.
-    - `ran_out` (the delay passed first): what it got; fewer callers are coming than the target said. The
-      batcher then holds off growing for a while (`_PROBE_HOLD_DELAYS`), so that trying for one more caller
-      than there are costs one delay per period, not every other batch.
+    - `ran_out` (the delay passed first): what it got; fewer callers are coming than the target said. When it
+      got one row short, the batcher then holds off growing for a while (`holds_growth`, `_PROBE_HOLD_DELAYS`),
+      so that trying for one more caller than there are costs one delay per period, not every other batch.
     - otherwise (growth on hold): at least what it got.
     """
     if outcome == "ran_out":
@@ -163,6 +163,14 @@ def next_target_rows(policy: BatchSettings, target_rows: int, rows: int, outcome
     else:
         target = max(target_rows, rows)
     return max(1, min(target, policy.max_batch_size))
+
+
+def holds_growth(target_rows: int, rows: int, outcome: WaitOutcome) -> bool:
+    """Whether the target stops growing for a while after this batch: when its wait ran out one row short of
+    the target (it tried for one more caller than there are). A wait that got far fewer rows than the target
+    saw the server stall (another process, a collection), not callers leave: the target falls to what came
+    and grows back at once."""
+    return outcome == "ran_out" and rows >= target_rows - 1
 
 
 class Batcher:
@@ -287,9 +295,9 @@ class Batcher:
         """Remember the batch for the adaptive policy: when it ended, what came during it, what to wait for."""
         self._previous_ended_at = now
         self._rows_queued_at_end = self._queue.rows  # they arrived while it ran
-        may_grow = now >= self._hold_until
-        self._target_rows = next_target_rows(self.policy, self._target_rows, rows, outcome, may_grow)
-        if outcome == "ran_out":
+        may_grow, target = now >= self._hold_until, self._target_rows
+        self._target_rows = next_target_rows(self.policy, target, rows, outcome, may_grow)
+        if holds_growth(target, rows, outcome):
             self._hold_until = now + self._hold_delays * self.policy.max_delay_ms / 1000.0
             self._hold_delays = min(2 * self._hold_delays, _PROBE_HOLD_DELAYS[1])
         elif outcome == "filled":

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from serving.dataplane.admission import CALLER
-from serving.dataplane.batcher import Batcher, BatchSettings, batch_wait_seconds, expected_rows, next_target_rows
+from serving.dataplane.batcher import (
+    Batcher,
+    BatchSettings,
+    batch_wait_seconds,
+    expected_rows,
+    holds_growth,
+    next_target_rows,
+)
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
 
@@ -197,6 +204,14 @@ def test_the_target_grows_while_rows_come_and_falls_to_what_came_when_a_wait_run
     assert next_target_rows(policy, 3, 5, "none", may_grow=False) == 5  # ... but never fewer
     assert next_target_rows(policy, 8, 8, "filled", may_grow=True) == 8  # at most a full batch
     assert next_target_rows(policy, 2, 0, "ran_out", may_grow=True) == 1  # all of it expired: still 1
+
+
+def test_growth_holds_after_a_wait_one_row_short_not_after_a_stall() -> None:
+    assert holds_growth(target_rows=5, rows=4, outcome="ran_out")  # tried for one caller more than there are
+    assert holds_growth(target_rows=2, rows=1, outcome="ran_out")  # a lone caller
+    assert not holds_growth(target_rows=9, rows=2, outcome="ran_out")  # the server stalled: grow back at once
+    assert not holds_growth(target_rows=5, rows=5, outcome="filled")
+    assert not holds_growth(target_rows=5, rows=7, outcome="none")
 
 
 async def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
