@@ -7,11 +7,11 @@ releases the GIL, so the event loop keeps accepting requests) and hands each req
 batch runs the next one fills, so batches grow with load.
 
 `batch_wait_seconds` decides whether queued rows run now or wait for more: under `adaptive` only when
-recent batches say more rows are coming, so a lone request never waits out the delay. How many rows it
-waits for (`next_target_rows`) grows by one while batches hold several requests and waits fill before the
-delay is out; when a wait runs out, it falls to what came and stays there a while. Batches whose recent runs
-were faster than `inline_max_ms` run on the event-loop thread: for them the hand-off to a thread and back
-costs as much as the run. Requests larger than `max_batch_size` run in chunks; cancelled and expired
+recent batches say more rows are coming, so the first request after a quiet spell never waits out the delay.
+How many rows it waits for (`next_target_rows`) is one more than the last batch held; when a wait runs out,
+it falls to what came, and stays there a while when that was one row short (`holds_growth`). Batches whose
+recent runs were faster than `inline_max_ms` run on the event-loop thread: for them the hand-off to a thread
+and back costs as much as the run. Requests larger than `max_batch_size` run in chunks; cancelled and expired
 requests are dropped before they run. docs/serving.md describes the policy, docs/performance.md what each
 part gained.
 """

@@ -54,6 +54,7 @@ PROTOCOL_PARAMETERS = frozenset(
         "headers",
     }
 )
+TIMEOUT = "timeout"  # Triton's deadline parameter, microseconds: every model takes it (`_deadline`)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class _Arguments:
             self._check_parameters(operation)
 
     def _check_parameters(self, operation: Operation) -> None:
-        unknown = sorted(set(self.parameters) - set(operation.parameters) - PROTOCOL_PARAMETERS - {"timeout"})
+        unknown = sorted(set(self.parameters) - set(operation.parameters) - PROTOCOL_PARAMETERS - {TIMEOUT})
         if unknown:
             accepted = ", ".join(sorted(operation.parameters)) or "none"
             raise InvalidRequest(
@@ -163,7 +164,7 @@ class _Arguments:
 def _deadline(request: InferRequest) -> float | None:
     """The request's deadline (event-loop time): the transport's (a gRPC call's), or sooner by Triton's
     `timeout` parameter (microseconds from now, as tritonclient's `infer(timeout=...)` sends it; 0: none)."""
-    timeout = request.parameters.get("timeout")
+    timeout = request.parameters.get(TIMEOUT)
     if timeout is None:
         return request.deadline
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
