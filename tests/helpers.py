@@ -281,17 +281,23 @@ class Callers:
     """Threads calling Sample in a loop on one server until stopped; every reply or failure is recorded.
 
     `replies` holds (version that answered, latents, images); `by_caller` the versions each thread saw, in
-    order; `errors` the failures (none is the goal).
+    order; `errors` the failures (none is the goal). With `protocols` ("typed", "oip"), thread i calls through
+    protocols[i % len]: the typed API's Sample, or the Open Inference Protocol's ModelInfer on `<model>-sample`.
     """
 
-    def __init__(self, target: str, threads: int, rows: int = 2) -> None:
+    def __init__(
+        self, target: str, threads: int, rows: int = 2, protocols: tuple[str, ...] = ("typed",), model: str = ""
+    ) -> None:
         self.replies: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.by_caller: list[list[int]] = [[] for _ in range(threads)]
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        calls = {"typed": self._call, "oip": self._call_oip}
+        self._model = model
         self._threads = [
-            threading.Thread(target=self._call, args=(target, rows, seed), daemon=True) for seed in range(threads)
+            threading.Thread(target=calls[protocols[seed % len(protocols)]], args=(target, rows, seed), daemon=True)
+            for seed in range(threads)
         ]
 
     def __enter__(self) -> Callers:
@@ -318,6 +324,31 @@ class Callers:
                 with self._lock:
                     self.replies.append((drawn.model_version, drawn.latents, drawn.images))
                     self.by_caller[seed].append(drawn.model_version)
+
+    def _call_oip(self, target: str, rows: int, seed: int) -> None:
+        import grpc
+
+        from serving.api import oip, oip_grpc
+
+        request = oip.ModelInferRequest(model_name=f"{self._model}-sample")
+        request.parameters["num_samples"].int64_param = rows
+        request.parameters["seed"].uint64_param = seed
+        with grpc.insecure_channel(target) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            while not self._stop.is_set():
+                try:
+                    reply = stub.ModelInfer(request, timeout=30)
+                except grpc.RpcError as exc:
+                    with self._lock:
+                        self.errors.append(f"{exc.code().name}: {exc.details()}")
+                    continue
+                arrays = {
+                    tensor.name: np.frombuffer(data, np.float32).reshape(tensor.shape)
+                    for tensor, data in zip(reply.outputs, reply.raw_output_contents, strict=True)
+                }
+                with self._lock:
+                    self.replies.append((int(reply.model_version), arrays["z"], arrays["x"]))
+                    self.by_caller[seed].append(int(reply.model_version))
 
     def versions_seen(self) -> list[int]:
         with self._lock:

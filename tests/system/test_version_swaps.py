@@ -110,11 +110,12 @@ class HealthWatch:
 
 
 def test_32_callers_see_no_failure_while_versions_are_swapped_20_times(model_dir: Path) -> None:
+    """Half of them through the typed API, half through the Open Inference Protocol: both lease versions alike."""
     with (
         ServerProcess.vae_server(f"--model-dir={model_dir}", "--poll-seconds=0", "--intra-op-threads=1") as server,
         VaeClient(server.target) as client,
         HealthWatch(server.target) as health,
-        Callers(server.target, threads=32, rows=1) as callers,
+        Callers(server.target, threads=32, rows=1, protocols=("typed", "oip"), model=model_dir.name) as callers,
     ):
         wait_for_answers(callers, 64)
         for version in range(2, 22):
@@ -124,6 +125,7 @@ def test_32_callers_see_no_failure_while_versions_are_swapped_20_times(model_dir
     print(f"swaps 20, requests {len(versions)}, failed {len(callers.errors)}, health checks {len(health.statuses)}")
     assert callers.errors == []
     assert set(versions) <= set(range(1, 22)) and 21 in versions
+    assert all(callers.by_caller[thread] for thread in (0, 1))  # both protocols were answered
     # each reply came from a version served when its request arrived: a caller's versions only move forward
     assert all(seen == sorted(seen) for seen in callers.by_caller)
     assert set(health.statuses) == {"SERVING"} and len(health.statuses) > 20
