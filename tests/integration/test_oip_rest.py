@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest
 
 from serving.api import oip, oip_grpc, pb, pb_grpc
 from serving.client import VaeClient
-from tests.helpers import ROOT, ServerThread, running_server, scrape, wait_until
+from tests.helpers import ROOT, ServerThread, patient_config, running_server, scrape, wait_until
 
 MODEL = "vae-mnist"
 LATENTS = np.random.default_rng(5).standard_normal((3, 20)).astype(np.float32)
@@ -213,6 +214,24 @@ def test_a_draining_server_refuses_new_requests_over_every_protocol(exported_rep
         status, _, reply = call(f"{server.http_url}/v2/models/{MODEL}-decoder/infer", body, headers)
         assert status == 503 and "shutting down" in json.loads(reply)["error"]
         assert closing.result(10) is True  # nothing was running: the drain ends at once
+
+
+def test_a_full_queue_answers_429_saying_so(exported_repository: Path) -> None:
+    """The batcher's queue holds 16 rows; 10 wait there for company (1.5 s, fixed wait): 10 more do not fit."""
+    server = ServerThread(patient_config(exported_repository, max_batch_size=16))
+    try:
+        url = f"{server.http_url}/v2/models/{MODEL}-decoder/infer"
+        body, headers = binary_body({"z": ("FP32", np.zeros((10, 20), np.float32))})
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(call, url, body, headers)
+            wait_until(lambda: server.metric("vae_queue_depth", version="1") == 10, what="10 rows queued")
+            status, _, reply = call(url, body, headers)
+            assert (
+                status == 429 and "the decoder queue holds 10 rows and takes at most 16" in json.loads(reply)["error"]
+            )
+            assert queued.result(timeout=30)[0] == 200
+    finally:
+        server.stop()
 
 
 def test_rest_requests_are_counted_with_their_protocol(vae_server: ServerThread) -> None:
