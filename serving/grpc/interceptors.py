@@ -259,10 +259,10 @@ class _Call:
         interceptor.metrics.inflight.dec()
         if self.accepted:
             interceptor.admission.drain.finished()
-        duration = time.perf_counter() - self.started
-        version = _served_version(self.context)
         if self.method in interceptor.counted_by_message and code in ("OK", "CANCELLED"):
             return  # its messages were counted and logged one by one
+        duration = time.perf_counter() - self.started
+        version = _served_version(self.context)
         interceptor.metrics.request_finished(self.method, code, version, duration, items)
         if interceptor.log_requests:
             log_request(self.method, code, version, duration, items)
