@@ -564,10 +564,10 @@ def server_code() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout if done.returncode == 0 else ""
 
-    changed = git("status", "--porcelain", "--", "serving", "contract").splitlines()
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted": [line[3:] for line in changed]}
+    changed = git("status", "--porcelain", "--", "serving", "contract").splitlines()  # "XY path": 2 columns
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": [line[3:] for line in changed]}
 
 
 def cpu_model() -> str:

@@ -431,17 +431,18 @@ class Catalogue:
 
     def __init__(self, models: ModelManager) -> None:
         self.models = models
+        self._operations = {f"{models.name}-{kind}": operation for kind, operation in OPERATIONS.items()}
 
     @property
     def model_names(self) -> list[str]:
-        return [f"{self.models.name}-{kind}" for kind in OPERATIONS]
+        return list(self._operations)
 
     def operation(self, model: str) -> Operation:
         """The operation a protocol model name stands for; NotFound naming the models there are."""
-        prefix, _, kind = model.rpartition("-")
-        if prefix != self.models.name or kind not in OPERATIONS:
+        operation = self._operations.get(model)
+        if operation is None:
             raise NotFound(f"model {model!r} is not served; the models: {', '.join(self.model_names)}")
-        return OPERATIONS[kind]
+        return operation
 
     def ready(self, model: str, version: str) -> bool:
         """Whether `model` at `version` (number, label, or "" for the default route) takes requests now."""

@@ -8,6 +8,7 @@ agree and turn them into a numpy array, or an array back into them, with message
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 DATATYPES: dict[np.dtype, str] = {np.dtype(dtype.newbyteorder("=")): name for name, dtype in DTYPES.items()}
+_LITTLE_ENDIAN = sys.byteorder == "little"
 MAX_DIMENSIONS = 8  # more than any model here takes: a shape beyond it is refused before its product is formed
 
 
@@ -81,4 +83,6 @@ def from_values(name: str, datatype: str, shape: Sequence[int], values: object, 
 
 def to_raw(array: np.ndarray) -> bytes:
     """An output array as the protocol's raw bytes (little-endian, row-major)."""
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    if array.dtype.isnative and _LITTLE_ENDIAN:  # every output here, on every machine it runs on
+        return array.tobytes()  # row-major whatever the array's layout
+    return array.astype(array.dtype.newbyteorder("<")).tobytes()
