@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import prometheus_client as prom
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from contract.scores import BASELINE_QUANTILES, quantile_key
+from serving.tracing import Traced, exemplar
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,10 @@ class Metrics:
         self._items: dict[tuple[str, str, str], Any] = {}
         self._info: dict[str, tuple[str, str, str, str]] = {}  # version → model_info's label values
 
+    def count_dropped_spans(self, dropped: Callable[[], int]) -> None:
+        """Expose `dropped()`, the spans tracing dropped because its export queue was full, as a counter."""
+        self.registry.register(_DroppedSpans(dropped))
+
     def request_finished(
         self,
         method: str,
@@ -130,8 +137,10 @@ class Metrics:
         duration_seconds: float,
         items: int | None,
         protocol: str = "grpc",
+        exemplar: dict[str, str] | None = None,
     ) -> None:
-        """One request done; `version` is the one that served it ("" when refused before a version took it)."""
+        """One request done; `version` is the one that served it ("" when refused before a version took it);
+        `exemplar`: its sampled trace's ids, kept with the duration (`serving.tracing.exemplar`)."""
         key = (method, version, protocol)
         counter = self._requests.get((*key, code))
         if counter is None:
@@ -140,7 +149,7 @@ class Metrics:
         duration = self._durations.get(key)
         if duration is None:
             duration = self._durations[key] = self.request_duration.labels(*key)
-        duration.observe(duration_seconds)
+        duration.observe(duration_seconds, exemplar)
         if items is not None:
             histogram = self._items.get(key)
             if histogram is None:
@@ -224,10 +233,21 @@ class _VersionObserver:
     def queue_depth(self, graph: str, rows: int) -> None:
         self._depths[graph].set(rows)
 
-    def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
+    def batch_ran(
+        self,
+        graph: str,
+        rows: int,
+        queue_wait_seconds: Sequence[float],
+        inference_seconds: float,
+        traced: Sequence[Traced | None] = (),
+    ) -> None:
         batch_rows, inference, queue_wait = self._batches[graph]
         batch_rows.observe(rows)
         inference.observe(inference_seconds)
+        if traced:  # tracing on: each request's wait, with its sampled trace as exemplar
+            for seconds, request in zip(queue_wait_seconds, traced, strict=True):
+                queue_wait.observe(seconds, None if request is None else exemplar(request.context))
+            return
         for seconds in queue_wait_seconds:
             queue_wait.observe(seconds)
 
@@ -238,3 +258,15 @@ class _VersionObserver:
     def inputs_scored(self, plugin_negative_elbo: np.ndarray) -> None:
         for value in plugin_negative_elbo.tolist():
             self._scores.observe(value)
+
+
+class _DroppedSpans(Collector):
+    """vae_trace_spans_dropped_total, read from tracing's count at each scrape."""
+
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "vae_trace_spans_dropped", "spans dropped because the export queue was full", value=self._dropped()
+        )

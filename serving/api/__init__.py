@@ -25,9 +25,12 @@ OIP_SERVICE_NAME: str = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].
 
 # Trailing metadata of every VaeService call a version took: its number (replies also carry it as a field).
 VERSION_METADATA = "vae-model-version"
+# Metadata a caller may send to name its request in the server's log lines and trace (serving.tracing reads it).
+REQUEST_ID_METADATA = "x-request-id"
 
 __all__ = [
     "OIP_SERVICE_NAME",
+    "REQUEST_ID_METADATA",
     "SERVICE_METHODS",
     "SERVICE_NAME",
     "VERSION_METADATA",

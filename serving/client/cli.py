@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=os.environ.get("VAE_TARGET", DEFAULT_TARGET), help="server address [env VAE_TARGET]"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    parser.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="send x-request-id: ID with each call (the server's log lines and trace name it)",
+    )
     choose = parser.add_mutually_exclusive_group()
     choose.add_argument("--model-version", type=int, metavar="N", help="ask for this version (default: the server's)")
     choose.add_argument("--label", metavar="NAME", help="ask for the version this label names, e.g. stable")
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         tls_files = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
         version = {"model_version": args.model_version, "label": args.label}
         with VaeClient(args.target, timeout_s=args.timeout, tls=args.tls, **tls_files, **version) as client:
-            print(args.run(client, args))
+            print(args.run(client if args.request_id is None else client.with_request_id(args.request_id), args))
     except VaeError as exc:
         print(f"error: {args.target}: {exc}", file=sys.stderr)
         return 1

@@ -40,7 +40,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.api import SERVICE_NAME, pb, pb_grpc
+from serving.api import REQUEST_ID_METADATA, SERVICE_NAME, pb, pb_grpc
 from serving.api.tensors import tensor_to_proto
 from serving.client.results import (
     Decoding,
@@ -130,6 +130,7 @@ class VaeClient:
         self.target = target
         self.timeout_s = timeout_s
         self._spec = _version_spec(model_version, label)
+        self._metadata: tuple[tuple[str, str], ...] = ()  # sent with every call (`with_request_id`)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -151,6 +152,19 @@ class VaeClient:
         view._spec = _version_spec(model_version, label)
         return view
 
+    def with_request_id(self, request_id: str) -> VaeClient:
+        """This client on the same channel, its calls sending `x-request-id: request_id`: the server's log lines
+        and trace of each call carry it. ValueError unless it is 1 to 128 printable ASCII characters (what gRPC
+        metadata may carry, and what the server keeps)."""
+        if not 0 < len(request_id) <= 128 or not all(" " <= char <= "~" for char in request_id):
+            raise ValueError(f"request id {request_id!r}: give 1 to 128 printable ASCII characters")
+        view = copy.copy(self)
+        view._metadata = (
+            *(item for item in self._metadata if item[0] != REQUEST_ID_METADATA),
+            (REQUEST_ID_METADATA, request_id),
+        )
+        return view
+
     def __enter__(self) -> VaeClient:
         return self
 
@@ -169,7 +183,8 @@ class VaeClient:
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
         request = self._versioned(request)
         try:
-            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            timeout = self.timeout_s if timeout_s is None else timeout_s
+            return method(request, timeout=timeout, metadata=self._metadata or None)
         except grpc.RpcError as exc:
             raise VaeError(exc.code(), exc.details() or "") from None
 
@@ -231,7 +246,8 @@ class VaeClient:
         cancels the stream. A stream broken after k rows resumes with offset=offset + k. Chunks that skip or
         repeat rows, or a stream that ends before `count` rows, raise VaeError (INTERNAL)."""
         request = self._versioned(self._sample_request(count, seed, temperature, output_dtype, offset))
-        stream = self._stub.SampleStream(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        stream = self._stub.SampleStream(request, timeout=timeout, metadata=self._metadata or None)
         received = 0  # rows so far; the next chunk must start at offset + received
         try:
             for reply in stream:

@@ -32,6 +32,7 @@ from contract.settings import SettingError, check_settings, setting
 from serving.dataplane.admission import CALLER
 from serving.dataplane.fair_queue import FairQueue, Outputs, QueuedRows
 from serving.errors import NotReady
+from serving.tracing import BatchSpans, Traced
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,29 @@ class BatchObserver(Protocol):
     def queue_depth(self, graph: str, rows: int) -> None: ...
 
     def batch_ran(
-        self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float
-    ) -> None: ...
+        self,
+        graph: str,
+        rows: int,
+        queue_wait_seconds: Sequence[float],
+        inference_seconds: float,
+        traced: Sequence[Traced | None] = (),
+    ) -> None:
+        """One run: its rows, each request's wait in the queue, the run's seconds; with tracing on, each request's
+        span (`traced`, in the order of the waits)."""
 
 
 class _NoObserver:
     def queue_depth(self, graph: str, rows: int) -> None:
         pass
 
-    def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
+    def batch_ran(
+        self,
+        graph: str,
+        rows: int,
+        queue_wait_seconds: Sequence[float],
+        inference_seconds: float,
+        traced: Sequence[Traced | None] = (),
+    ) -> None:
         pass
 
 
@@ -183,12 +198,15 @@ class Batcher:
         policy: BatchSettings,
         executor: Executor | None = None,
         observer: BatchObserver | None = None,
+        spans: BatchSpans | None = None,
     ) -> None:
+        """`spans`: where its runs are traced (`serving.tracing.Tracing.batches`; None: tracing is off)."""
         self.graph = graph
         self.policy = policy
         self._run_fn = run_fn
         self._executor = executor
         self._observer = observer or _NoObserver()
+        self._spans = spans
         self._queue = FairQueue(graph, policy.max_queue_rows, policy.max_queue_share)
         self._wakeup: asyncio.Future[None] | None = None
         self._wake_at_rows = 1  # queued rows at which `_enqueue` wakes a sleeping worker
@@ -249,7 +267,8 @@ class Batcher:
 
     def _enqueue(self, rows: np.ndarray, deadline: float | None, caller: str) -> asyncio.Future[Outputs]:
         loop = asyncio.get_running_loop()
-        item = QueuedRows(rows, loop.create_future(), loop.time(), deadline, caller)
+        traced = None if self._spans is None else self._spans.capture()  # the request's span, when traced
+        item = QueuedRows(rows, loop.create_future(), loop.time(), deadline, caller, traced)
         self._queue.push(item)
         self._observer.queue_depth(self.graph, self._queue.rows)
         # Wake the worker when it waits on an empty queue, or waits for rows and enough are here now.
@@ -324,6 +343,7 @@ class Batcher:
     async def _run_batch(self, batch: list[QueuedRows], loop: asyncio.AbstractEventLoop) -> None:
         inputs = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
         started_at = loop.time()
+        started_ns = 0 if self._spans is None else time.time_ns()
         estimate = self._run_seconds.get(len(inputs))
         try:
             if estimate is not None and estimate <= self._inline_max_s:
@@ -343,9 +363,13 @@ class Batcher:
         self._run_seconds[len(inputs)] = (
             inference_seconds if estimate is None else estimate + _RUN_SECONDS_WEIGHT * (inference_seconds - estimate)
         )
-        self._observer.batch_ran(
-            self.graph, len(inputs), [started_at - item.enqueued_at for item in batch], inference_seconds
-        )
+        waits = [started_at - item.enqueued_at for item in batch]
+        if self._spans is None:
+            self._observer.batch_ran(self.graph, len(inputs), waits, inference_seconds)
+        else:
+            traced = [item.traced for item in batch]
+            self._observer.batch_ran(self.graph, len(inputs), waits, inference_seconds, traced)
+            self._spans.ran(traced, len(inputs), started_ns, time.time_ns())
         offset = 0
         for item in batch:
             if not item.future.done():

@@ -38,6 +38,7 @@ from serving.dataplane.validation import (
     check_temperature,
 )
 from serving.errors import ServingError
+from serving.tracing import OFF, Tracing
 
 OutputDType = Literal["float32", "uint8"]
 T = TypeVar("T")
@@ -126,9 +127,11 @@ class VaeEngine:
         observer: EngineObserver | None = None,
         telemetry: TelemetrySettings | None = None,
         stream_slots: Slots | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         """`stream_slots` counts SampleStream calls over the whole server (the manager shares one among its
-        engines); without it the engine counts its own."""
+        engines); without it the engine counts its own. `tracing`: where its batches and the steps of its
+        composite calls are traced."""
         self.version = sessions.version
         self.provider = sessions.provider
         self.latent_dim = sessions.version.latent_dim
@@ -138,8 +141,14 @@ class VaeEngine:
         self.stream_slots = stream_slots or Slots(limits.max_sample_streams, "SampleStream calls")
         self.observer = observer
         self.telemetry = telemetry or TelemetrySettings()
-        self.encoder = Batcher("encoder", sessions.encoder.run, policy, executor, observer)
-        self.decoder = Batcher("decoder", sessions.decoder.run, policy, executor, observer)
+        self.tracing = tracing
+        number = sessions.version.number
+        self.encoder = Batcher(
+            "encoder", sessions.encoder.run, policy, executor, observer, tracing.batches("encoder", number)
+        )
+        self.decoder = Batcher(
+            "decoder", sessions.decoder.run, policy, executor, observer, tracing.batches("decoder", number)
+        )
         self._telemetry_rng = np.random.default_rng()
         self._background: set[asyncio.Task[None]] = set()  # Encode inputs being scored after their reply
 
@@ -218,13 +227,17 @@ class VaeEngine:
 
         Image i's draws are rows i·S .. i·S + S − 1 of the seed's sequence (S = `draws`).
         """
-        count = images.shape[0]
-        mu, log_var = await self.encoder.run(images, deadline)
+        count, step = images.shape[0], self.tracing.step
+        with step("vae.encode", **{"vae.rows": count}):
+            mu, log_var = await self.encoder.run(images, deadline)
         eps = normal_rows(seed or 0, 0, count * draws, self.latent_dim).reshape(count, draws, -1).transpose(1, 0, 2)
         z = mu + np.exp(np.float32(0.5) * log_var) * eps  # [S, N, D]
-        (decoded,) = await self.decoder.run(np.concatenate([mu, z.reshape(draws * count, self.latent_dim)]), deadline)
+        with step("vae.decode", **{"vae.rows": count * (1 + draws), "vae.draws": draws}):
+            latents = np.concatenate([mu, z.reshape(draws * count, self.latent_dim)])
+            (decoded,) = await self.decoder.run(latents, deadline)
         at_mean, at_draws = decoded[:count], decoded[count:].reshape(draws, count, *self.image_shape)
-        result = await _off_loop(scores.score, images, mu, log_var, eps, at_draws, at_mean, with_iwae)
+        with step("vae.score", **{"vae.rows": count, "vae.iwae": with_iwae}):
+            result = await _off_loop(scores.score, images, mu, log_var, eps, at_draws, at_mean, with_iwae)
         if self.observer is not None:
             self.observer.inputs_encoded(result.latent_norm)
             self.observer.inputs_scored(result.plugin_negative_elbo)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving.errors import DeadlineExceeded, Overloaded
+from serving.tracing import Traced
 
 Outputs = tuple[np.ndarray, ...]
 
@@ -32,6 +33,7 @@ class QueuedRows:
     enqueued_at: float  # loop.time()
     deadline: float | None  # loop.time() after which the result is useless
     caller: str = ""
+    traced: Traced | None = None  # the request's span and when its rows queued (tracing on)
     size: int = field(init=False)
 
     def __post_init__(self) -> None:

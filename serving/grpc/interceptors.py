@@ -15,7 +15,9 @@ the Open Inference Protocol's GRPCInferenceService) the interceptor also
 - turns whatever the handler raised into a status code and message (`serving.grpc.status`), so no
   stack trace leaves the server (unexpected errors are logged);
 - records the request metrics and, when asked, one JSON log line per request, with the version that took
-  the call (which the servicer leaves in the trailing metadata).
+  the call (which the servicer leaves in the trailing metadata) (`serving.request_record`);
+- makes the call's SERVER span when tracing is on, continuing the caller's trace from its `traceparent`
+  metadata, and names the caller's `x-request-id` for the call's log lines (`serving.tracing`).
 
 Handlers are wrapped once per method, on the first call, and reused.
 """
@@ -36,11 +38,14 @@ from serving.api import VERSION_METADATA
 from serving.dataplane.admission import CALLER, Admission
 from serving.errors import InvalidRequest, ServingError
 from serving.grpc.status import cancelled_status, is_unexpected, status_for
-from serving.metrics import Metrics
+from serving.request_record import RequestRecord
+from serving.tracing import REQUEST_ID, REQUEST_ID_HEADER, ServerSpan, request_id_of
 
 log = logging.getLogger(__name__)
 
 ItemCount = Callable[[Any], int]  # reply → images or latents it carries
+# The codes that make a server span an error (OpenTelemetry's gRPC conventions): the others are the caller's.
+_SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 Parse = Callable[[bytes], Any]
 
 
@@ -51,17 +56,19 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         services: Sequence[str],
-        metrics: Metrics,
+        record: RequestRecord,
         reply_items: Mapping[str, ItemCount],
         admission: Admission,
-        log_requests: bool = False,
         counted_by_message: Collection[str] = (),
     ) -> None:
         self.service_prefixes = tuple(f"/{service}/" for service in services)
-        self.metrics = metrics
+        self.record = record
+        self.metrics = record.metrics
+        self.tracing = record.tracing
+        # Whether a call's metadata is read when it starts: for its span and its x-request-id in the log lines.
+        self.reads_metadata = record.tracing.enabled or record.log_requests
         self.reply_items = reply_items
         self.admission = admission
-        self.log_requests = log_requests
         # Streams whose handler counts and logs each request message (ModelStreamInfer): the stream itself is
         # counted and logged only when it fails as a whole (refused, or broken), never as one more request.
         self.counted_by_message = frozenset(counted_by_message)
@@ -81,7 +88,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             if handler.request_streaming:
                 if not method.startswith(self.service_prefixes):
                     return handler  # reflection: as gRPC has it
-                handler = self._observed_bidi(method.rsplit("/", 1)[1], handler)
+                handler = self._observed_bidi(method, handler)
             else:
                 handler = self._wrap(method, handler)
             self._handlers[method] = handler
@@ -92,10 +99,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         parse = _safe(handler.request_deserializer)
         serialize = handler.response_serializer
         if method.startswith(self.service_prefixes):
-            name = method.rsplit("/", 1)[1]
             if handler.unary_unary is not None:
-                return grpc.stream_unary_rpc_method_handler(self._observed_unary(name, handler, parse), None, serialize)
-            return grpc.stream_stream_rpc_method_handler(self._observed_stream(name, handler, parse), None, serialize)
+                unary = self._observed_unary(method, handler, parse)
+                return grpc.stream_unary_rpc_method_handler(unary, None, serialize)
+            stream = self._observed_stream(method, handler, parse)
+            return grpc.stream_stream_rpc_method_handler(stream, None, serialize)
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(self._guarded(handler.unary_unary, parse), None, serialize)
         return grpc.stream_stream_rpc_method_handler(self._guarded(handler.unary_stream, parse), None, serialize)
@@ -120,12 +128,12 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             CALLER.set(call.context.peer())
             yield request
 
-    def _observed_unary(self, name: str, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
-        count = self.reply_items.get(name)
+    def _observed_unary(self, method: str, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
+        count = self.reply_items.get(_name(method))
         behavior = handler.unary_unary
 
         async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self, name, context)
+            call = _Call(self, method, context)
             try:
                 async with self._admitted(call, parse) as request:
                     reply = await behavior(request, context)
@@ -137,22 +145,22 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _observed_stream(self, name: str, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
+    def _observed_stream(self, method: str, handler: grpc.RpcMethodHandler, parse: Parse) -> Any:
         """A server-streaming method (SampleStream): admitted with its message, as a unary call is."""
-        stream = _async_generator(name, handler.unary_stream)
+        stream = _async_generator(method, handler.unary_stream)
 
         @contextlib.asynccontextmanager
         async def opened(requests: Any, call: _Call) -> AsyncIterator[AsyncIterator[Any]]:
             async with self._admitted(call, parse) as request:
                 yield stream(request, call.context)
 
-        return self._relayed(name, opened)
+        return self._relayed(method, opened)
 
-    def _observed_bidi(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _observed_bidi(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """A stream of requests (ModelStreamInfer): refused while draining, its caller named, its end counted
         and logged as one call; gRPC reads its messages, and the handler admits each (a call slot and its bytes)
         and answers each failure in the stream."""
-        stream = _async_generator(name, handler.stream_stream)
+        stream = _async_generator(method, handler.stream_stream)
 
         @contextlib.asynccontextmanager
         async def opened(requests: Any, call: _Call) -> AsyncIterator[AsyncIterator[Any]]:
@@ -161,15 +169,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             CALLER.set(call.context.peer())
             yield stream(requests, call.context)
 
-        relayed = self._relayed(name, opened)
+        relayed = self._relayed(method, opened)
         return grpc.stream_stream_rpc_method_handler(relayed, handler.request_deserializer, handler.response_serializer)
 
-    def _relayed(self, name: str, opened: Callable[[Any, _Call], Any]) -> Any:
+    def _relayed(self, method: str, opened: Callable[[Any, _Call], Any]) -> Any:
         """The replies of the stream `opened(requests, call)` yields, counted, its failure turned into a status."""
-        count = self.reply_items.get(name)
+        count = self.reply_items.get(_name(method))
 
         async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self, name, context)
+            call = _Call(self, method, context)
             items = 0
             try:
                 # aclosing: when gRPC closes this generator (the client left), the handler's closes at once
@@ -219,18 +227,36 @@ def _safe(deserialize: Callable[[bytes], Any]) -> Parse:
     return parse
 
 
-class _Call:
-    """One call of the service from admission to its metrics and log line."""
+def _name(method: str) -> str:
+    """A method's name without its service: "/vae.v1.VaeService/Decode" → "Decode"."""
+    return method.rsplit("/", 1)[1]
 
-    __slots__ = ("accepted", "context", "interceptor", "method", "started")
+
+class _Call:
+    """One call of the service from admission to its metrics, log line and span."""
+
+    __slots__ = ("accepted", "context", "interceptor", "method", "span", "started")
 
     def __init__(self, interceptor: RequestInterceptor, method: str, context: grpc.aio.ServicerContext) -> None:
         self.interceptor = interceptor
-        self.method = method
+        self.method = _name(method)
         self.context = context
         self.started = time.perf_counter()
         self.accepted = False
+        self.span: ServerSpan | None = None
         interceptor.metrics.inflight.inc()
+        if interceptor.reads_metadata:
+            self._begin(method)
+
+    def _begin(self, method: str) -> None:
+        """Name the caller's request id for this call's log lines and, with tracing on, start its span."""
+        metadata = self.context.invocation_metadata() or ()
+        _name_request(metadata)
+        tracing = self.interceptor.tracing
+        if tracing.enabled:
+            service = method[1:].rsplit("/", 1)[0]
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": self.method}
+            self.span = tracing.start_server_span(method[1:], metadata, attributes)
 
     def accept(self) -> None:
         """Count the call as accepted: a drain waits for it."""
@@ -250,31 +276,36 @@ class _Call:
             return
         status, message = status_for(error)
         if is_unexpected(error):
+            if not self.interceptor.reads_metadata:  # the error line names the caller's request id all the same
+                _name_request(self.context.invocation_metadata() or ())
             log.error("request_failed", exc_info=error, extra={"fields": {"method": self.method}})
-        self._finish(status.name, None)
+        self._finish(status.name, None, message)
         await self.context.abort(status, message)
 
-    def _finish(self, code: str, items: int | None) -> None:
+    def _finish(self, code: str, items: int | None, error: str | None = None) -> None:
         interceptor = self.interceptor
         interceptor.metrics.inflight.dec()
         if self.accepted:
             interceptor.admission.drain.finished()
-        if self.method in interceptor.counted_by_message and code in ("OK", "CANCELLED"):
-            return  # its messages were counted and logged one by one
-        duration = time.perf_counter() - self.started
         version = _served_version(self.context)
-        interceptor.metrics.request_finished(self.method, code, version, duration, items)
-        if interceptor.log_requests:
-            log_request(self.method, code, version, duration, items)
+        if self.method not in interceptor.counted_by_message or code not in ("OK", "CANCELLED"):
+            # (a stream whose messages were counted and logged one by one is not one more request)
+            duration = time.perf_counter() - self.started
+            interceptor.record.finished(self.method, "grpc", code, version, duration, items)
+        if self.span is not None:
+            attributes: dict[str, Any] = {"rpc.grpc.status_code": getattr(grpc.StatusCode, code).value[0]}
+            if items is not None:
+                attributes["vae.rows"] = items
+            if version:
+                attributes["vae.model.version"] = int(version)
+            self.span.end(code not in _SERVER_ERRORS, attributes, error or code)
 
 
-def log_request(method: str, code: str, version: str, duration_s: float, items: int | None) -> None:
-    """The request log's line for one gRPC request (a call, or one ModelStreamInfer message)."""
-    fields = {
-        "method": method, "protocol": "grpc", "code": code, "version": int(version) if version else None,
-        "duration_ms": round(duration_s * 1000, 3), "items": items,
-    }  # fmt: skip
-    log.info("request", extra={"fields": fields})
+def _name_request(metadata: Sequence[tuple[str, Any]]) -> None:
+    """The caller's x-request-id, for the log lines of this call's task and the tasks it starts."""
+    for key, value in metadata:
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            REQUEST_ID.set(request_id_of(value))
 
 
 def _served_version(context: grpc.aio.ServicerContext) -> str:

@@ -36,6 +36,7 @@ from serving.oip.models import (
     add_input,
 )
 from serving.oip.tensors import DTYPES
+from serving.request_record import RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         ready: Callable[[], Awaitable[bool]],
         version: str,
         stream_requests_in_flight: int,
-        message_done: Callable[[str, str, float, int | None], None] = lambda code, version, seconds, items: None,
+        record: RequestRecord,
     ) -> None:
         self.catalogue = catalogue
         self.admission = admission
@@ -73,7 +74,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self.ready = ready
         self.version = version
         self.stream_requests_in_flight = stream_requests_in_flight
-        self.message_done = message_done  # (code, version, seconds, rows): one stream message, for the metrics
+        self.record = record  # where each stream message is counted and logged as a request
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -160,20 +161,25 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _stream_reply(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelStreamInferResponse:
-        """One stream message's reply: admitted as a call of its own (a call slot and its bytes), and counted as
-        one request in the metrics."""
+        """One stream message's reply: admitted as a call of its own (a call slot and its bytes), counted as
+        one request in the metrics, and traced as a child of the stream's span (when that is recorded)."""
         started = time.perf_counter()
-        try:
-            with self.admission.calls.hold(), self.admission.request_bytes.hold(request.ByteSize()):
-                result = await self.catalogue.infer(infer_request(self.catalogue, request, deadline_of(context)))
-            reply = infer_response(result, request, raw=_raw(request))
-        except Exception as error:  # this message's failure, as its reply: the stream goes on
-            if is_unexpected(error):  # a bug: logged here, never sent as a trace
-                log.error("request_failed", exc_info=error, extra={"fields": {"method": "ModelStreamInfer"}})
-            self.message_done(status_for(error)[0].name, "", time.perf_counter() - started, None)
-            return oip.ModelStreamInferResponse(error_message=_error_message(error, request))
-        self.message_done("OK", str(result.version), time.perf_counter() - started, reply_items(reply))
+        attributes = {"vae.model": request.model_name, "vae.request_id": request.id}
+        with self.record.tracing.step("vae.stream_message", **attributes):
+            try:
+                with self.admission.calls.hold(), self.admission.request_bytes.hold(request.ByteSize()):
+                    result = await self.catalogue.infer(infer_request(self.catalogue, request, deadline_of(context)))
+                reply = infer_response(result, request, raw=_raw(request))
+            except Exception as error:  # this message's failure, as its reply: the stream goes on
+                if is_unexpected(error):  # a bug: logged here, never sent as a trace
+                    log.error("request_failed", exc_info=error, extra={"fields": {"method": "ModelStreamInfer"}})
+                self._message_done(status_for(error)[0].name, "", started, None)
+                return oip.ModelStreamInferResponse(error_message=_error_message(error, request))
+            self._message_done("OK", str(result.version), started, reply_items(reply))
         return oip.ModelStreamInferResponse(infer_response=reply)
+
+    def _message_done(self, code: str, version: str, started: float, items: int | None) -> None:
+        self.record.finished("ModelStreamInfer", "grpc", code, version, time.perf_counter() - started, items)
 
 
 def _error_message(error: BaseException, request: oip.ModelInferRequest) -> str:

@@ -31,9 +31,10 @@ from aiohttp import web
 from serving.dataplane.admission import CALLER, Admission
 from serving.errors import InvalidRequest, ServingError
 from serving.http.status import http_status
-from serving.metrics import Metrics
 from serving.oip import tensors
 from serving.oip.models import Catalogue, InferRequest, InferResult, Param, TensorMetadata, add_input
+from serving.request_record import RequestRecord
+from serving.tracing import REQUEST_ID, REQUEST_ID_HEADER, request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,18 @@ class RestApi:
         self,
         catalogue: Catalogue,
         admission: Admission,
-        metrics: Metrics,
+        record: RequestRecord,
         ready: Callable[[], Awaitable[bool]],
         server_metadata: dict[str, Any],
         max_body_bytes: int,
-        log_requests: bool = False,
     ) -> None:
         self.catalogue = catalogue
         self.admission = admission
-        self.metrics = metrics
+        self.record = record
+        self.tracing = record.tracing
         self.ready = ready
         self.server_metadata = server_metadata
         self.max_body_bytes = max_body_bytes  # larger: 413 (the listener's client_max_size too)
-        self.log_requests = log_requests
 
     def routes(self) -> list[web.RouteDef]:
         models = "/v2/models/{model}"
@@ -171,10 +171,24 @@ class RestApi:
         handle: Callable[[web.Request], Awaitable[tuple[web.Response, str, int | None]]],
         admitted: bool = False,
     ) -> web.Response:
-        """One observed call: its error as `{"error": ...}`, its metrics and log line (`protocol="http"`)."""
+        """One observed call: its error as `{"error": ...}`, its metrics and log line (`protocol="http"`), its
+        span when tracing is on (the caller's trace continued from `traceparent`)."""
         started = time.perf_counter()
         drain = self.admission.drain
         version, items, accepted = "", None, False
+        # Requests on one keep-alive connection may share a task: the request id is this request's alone.
+        named = REQUEST_ID.set(request_id_of(request.headers.get(REQUEST_ID_HEADER)))
+        span = None
+        if self.tracing.enabled:
+            route = request.match_info.route.resource
+            attributes: dict[str, Any] = {
+                "http.request.method": request.method,
+                "http.route": route.canonical if route is not None else request.path,
+                "url.path": request.path,
+            }
+            name = f"{request.method} {attributes['http.route']}"
+            headers = ((key.lower(), value) for key, value in request.headers.items())
+            span = self.tracing.start_server_span(name, headers, attributes)
         try:
             drain.check_accepting()
             if admitted:
@@ -194,14 +208,16 @@ class RestApi:
         finally:
             if accepted:
                 drain.finished()
-        duration = time.perf_counter() - started
-        self.metrics.request_finished(method, code, version, duration, items if code == "OK" else None, "http")
-        if self.log_requests:
-            fields = {
-                "method": method, "protocol": "http", "code": code, "version": int(version) if version else None,
-                "duration_ms": round(duration * 1000, 3), "items": items,
-            }  # fmt: skip
-            log.info("request", extra={"fields": fields})
+        items = items if code == "OK" else None
+        self.record.finished(method, "http", code, version, time.perf_counter() - started, items)
+        if span is not None:
+            outcome: dict[str, Any] = {"http.response.status_code": response.status, "vae.method": method}
+            if version:
+                outcome["vae.model.version"] = int(version)
+            if items is not None:
+                outcome["vae.rows"] = items
+            span.end(response.status < 500, outcome, code)  # 4xx: the caller's error, not the server's
+        REQUEST_ID.reset(named)
         return response
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -52,6 +53,7 @@ from serving.dataplane.runtime import (
 )
 from serving.errors import NotFound
 from serving.lifecycle.policy import LATEST, VersionPolicy, resolve_default
+from serving.tracing import OFF, Span, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class _Served:
     leases: int = 0  # requests using it now
     retired: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    retiring: Span | None = None  # from retirement to closing (tracing on)
 
 
 class VersionState(enum.Enum):
@@ -144,11 +147,13 @@ class ModelManager:
         observer: ModelObserver,
         check_version: Callable[[ModelVersion], None] = lambda version: None,
         telemetry: TelemetrySettings | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self.repository = repository
         self.policy = VersionPolicy.parse(repository.version_policy)
         self.runtime, self.batching, self.limits = runtime, batching, limits
         self.telemetry = telemetry or TelemetrySettings()
+        self.tracing = tracing  # version loads and retirements are spans; engines trace their batches
         self.executor = executor
         self.observer = observer
         self.check_version = check_version  # start-up checks a version must pass besides its own verification
@@ -348,7 +353,11 @@ class ModelManager:
         files = _files_of(path)
         started = time.perf_counter()
         try:
-            sessions = await asyncio.get_running_loop().run_in_executor(self._loader, self._verified_sessions, version)
+            with self.tracing.lifecycle("vae.version.load", version) as span:
+                in_span = contextvars.copy_context()  # the loader thread's steps are the span's children
+                loop = asyncio.get_running_loop()
+                sessions = await loop.run_in_executor(self._loader, in_span.run, self._verified_sessions, version)
+                span.set_attribute("vae.provider", sessions.provider)
         except Exception as exc:  # verification, a provider that cannot run, a graph that fails its warm-up
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self._failed[version] = (files, reason)
@@ -360,7 +369,14 @@ class ModelManager:
         self._failed.pop(version, None)
         observer = self.observer.for_version(version)
         engine = VaeEngine(
-            sessions, self.batching, self.limits, self.executor, observer, self.telemetry, self.stream_slots
+            sessions,
+            self.batching,
+            self.limits,
+            self.executor,
+            observer,
+            self.telemetry,
+            self.stream_slots,
+            self.tracing,
         )
         engine.start()
         self._served[version] = _Served(engine)
@@ -375,15 +391,23 @@ class ModelManager:
 
     def _verified_sessions(self, version: int) -> GraphSessions:
         """Verify, load and warm up a version (in the loader thread: the event loop keeps serving meanwhile)."""
-        model = read_version_dir(Path(self.repository.model_dir) / str(version), name=self.name, version=version)
-        self.check_version(model)
-        sessions = load_sessions(model, self.runtime)
-        sessions.warm_up(sorted({1, self.batching.max_batch_size}))
+        step = self.tracing.step
+        with step("vae.version.verify"):
+            model = read_version_dir(Path(self.repository.model_dir) / str(version), name=self.name, version=version)
+            self.check_version(model)
+        with step("vae.version.sessions"):
+            sessions = load_sessions(model, self.runtime)
+        sizes = sorted({1, self.batching.max_batch_size})
+        with step("vae.version.warm_up", **{"vae.rows": sizes}):
+            sessions.warm_up(sizes)
         return sessions
 
     def _retire(self, version: int) -> None:
         served = self._served.pop(version)
         served.retired = True
+        served.retiring = self.tracing.start_lifecycle(
+            "vae.version.retire", version, **{"vae.requests_in_flight": served.leases}
+        )
         self._retiring.add(served)
         log.info("model_unloading", extra={"fields": {"version": version, "requests_in_flight": served.leases}})
         if served.leases == 0:
@@ -405,6 +429,8 @@ class ModelManager:
         if version not in self._served:  # not loaded again meanwhile
             self.observer.model_unloaded(version)
         log.info("model_unloaded", extra={"fields": {"version": version}})
+        if served.retiring is not None:
+            served.retiring.end()
         # Once this coroutine has returned, nothing holds the engine: then give its memory back.
         asyncio.get_running_loop().call_soon(self._release_memory)
 

@@ -38,7 +38,7 @@ from serving.api import OIP_SERVICE_NAME, SERVICE_METHODS, SERVICE_NAME, oip_grp
 from serving.dataplane.admission import Admission
 from serving.dataplane.runtime import ProviderUnavailable
 from serving.errors import StartupError
-from serving.grpc.interceptors import RequestInterceptor, log_request
+from serving.grpc.interceptors import RequestInterceptor
 from serving.grpc.oip_servicer import InferenceServicer, reply_items
 from serving.grpc.servicer import REPLY_ITEMS, VaeServicer
 from serving.http.listener import HttpLimits, HttpListener, start_http
@@ -46,12 +46,14 @@ from serving.http.rest import RestApi
 from serving.lifecycle.manager import ModelManager, VersionState
 from serving.metrics import Metrics
 from serving.oip.models import EXTENSIONS, SERVER_NAME, Catalogue
+from serving.request_record import RequestRecord
 from serving.server.config import ServerConfig, load_config
 from serving.server.connections import ensure_file_descriptors, grpc_options, health_options
 from serving.server.housekeeping import follow_saturation, release_memory_after_bursts
 from serving.server.logs import setup_logging
 from serving.server.metrics_port import serve_metrics_port
 from serving.server.tls import server_credentials, ssl_context
+from serving.tracing import OFF, Tracing
 
 log = logging.getLogger("serving")
 
@@ -94,6 +96,7 @@ class RunningServer:
     health_port: int | None = None
     housekeeping: list[asyncio.Task[None]] = field(default_factory=list)  # serving.server.housekeeping's tasks
     http: HttpListener | None = None  # the REST port (--http-port)
+    tracing: Tracing = OFF  # flushed when the server stops
 
     @property
     def http_port(self) -> int | None:
@@ -121,6 +124,7 @@ class RunningServer:
         self.executor.shutdown(wait=True)
         self.metrics_http.shutdown()
         self.metrics_http.server_close()
+        await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)  # the spans still queued
         log.info("server_stopped", extra={"fields": {"drain_seconds": round(time.perf_counter() - started, 3)}})
 
 
@@ -145,27 +149,15 @@ def reply_fits(config: ServerConfig) -> Callable[[ModelVersion], None]:
     return check
 
 
-def stream_message_done(metrics: Metrics, log_requests: bool) -> Callable[[str, str, float, int | None], None]:
-    """What one ModelStreamInfer message leaves behind: its request metrics and, when asked, its log line."""
-
-    def done(code: str, version: str, seconds: float, items: int | None) -> None:
-        metrics.request_finished("ModelStreamInfer", code, version, seconds, items)
-        if log_requests:
-            log_request("ModelStreamInfer", code, version, seconds, items)
-
-    return done
-
-
 async def build_grpc_server(
-    config: ServerConfig, models: ModelManager, metrics: Metrics, catalogue: Catalogue, admission: Admission
+    config: ServerConfig, models: ModelManager, record: RequestRecord, catalogue: Catalogue, admission: Admission
 ) -> tuple[grpc.aio.Server, RequestInterceptor, health_aio.HealthServicer]:
     """VaeService and the protocol's GRPCInferenceService behind the request interceptor, health (NOT_SERVING
-    until started) and reflection; `catalogue` and `admission` are the process's, shared with the REST port."""
+    until started) and reflection; `record`, `catalogue` and `admission` are the process's, shared with the REST
+    port."""
     reply_counts = {**REPLY_ITEMS, "ModelInfer": reply_items}
     services = (SERVICE_NAME, OIP_SERVICE_NAME)
-    interceptor = RequestInterceptor(
-        services, metrics, reply_counts, admission, config.process.log_requests, counted_by_message={"ModelStreamInfer"}
-    )
+    interceptor = RequestInterceptor(services, record, reply_counts, admission, counted_by_message={"ModelStreamInfer"})
     # No maximum_concurrent_rpcs: gRPC would count a call from its first byte, so calls that never send their
     # message could take every slot; the interceptor counts calls with their message (--max-concurrent-rpcs).
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(config))
@@ -179,7 +171,7 @@ async def build_grpc_server(
         lambda: is_serving(health),
         package_version(),
         config.admission.max_stream_requests_in_flight,
-        stream_message_done(metrics, config.process.log_requests),
+        record,
     )
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     for service in HEALTH_SERVICES:
@@ -232,7 +224,7 @@ async def start_rest(
     config: ServerConfig,
     catalogue: Catalogue,
     admission: Admission,
-    metrics: Metrics,
+    record: RequestRecord,
     health: health_aio.HealthServicer,
 ) -> HttpListener | None:
     """The Open Inference Protocol's REST port (--http-port), on the same catalogue and admission as gRPC."""
@@ -243,11 +235,10 @@ async def start_rest(
     api = RestApi(
         catalogue,
         admission,
-        metrics,
+        record,
         lambda: is_serving(health),
         metadata,
         network.max_message_bytes,
-        config.process.log_requests,
     )
     limits = HttpLimits(
         max_connections=network.max_connections,
@@ -277,6 +268,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
     ensure_file_descriptors(config)
     credentials = server_credentials(config.tls)  # a bad TLS file fails before the model is loaded
     metrics = Metrics((*SERVICE_METHODS, *OIP_INFER_METHODS))
+    tracing = Tracing.from_environment(package_version())
+    if tracing.enabled:
+        metrics.count_dropped_spans(lambda: tracing.dropped_spans)
+    record = RequestRecord(metrics, config.process.log_requests, tracing)  # every request ends there
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")  # one per graph
     models = ModelManager(
         config.repository,
@@ -287,12 +282,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         metrics,
         reply_fits(config),
         config.telemetry,
+        tracing,
     )
     await models.start()
     catalogue, admission = Catalogue(models), config.admission.build()  # both transports share them
-    server, interceptor, health = await build_grpc_server(config, models, metrics, catalogue, admission)
+    server, interceptor, health = await build_grpc_server(config, models, record, catalogue, admission)
     grpc_port = listen(server, config, credentials)
-    http = await start_rest(config, catalogue, admission, metrics, health)
+    http = await start_rest(config, catalogue, admission, record, health)
     metrics_http, metrics_port = serve_metrics(metrics, config)
     health_server, health_port = await start_health_listener(health, config)
     await server.start()
@@ -333,6 +329,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         health_port,
         housekeeping,
         http,
+        tracing,
     )
 
 

@@ -1,4 +1,8 @@
-"""The server's logs: one JSON object per line on stderr (time, level, logger, event, and the event's fields)."""
+"""The server's logs: one JSON object per line on stderr (time, level, logger, event, and the event's fields).
+
+A line written while a request runs also names it: the caller's `request_id` (its x-request-id) when it sent
+one, and the `trace_id` and `span_id` of its span when it has one (`serving.tracing.log_fields`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from serving.tracing import log_fields
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,6 +25,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        line.update(log_fields())
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

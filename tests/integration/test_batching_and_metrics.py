@@ -188,7 +188,7 @@ def test_concurrent_clients_all_get_their_own_answers(vae_server: ServerThread, 
 def test_request_logging_writes_one_json_line_per_request(
     exported_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="serving.grpc.interceptors")
+    caplog.set_level("INFO", logger="serving.request_record")
     with running_server(exported_repository, log_requests=True) as server, VaeClient(server.target) as client:
         started = time.perf_counter()
         client.sample(3, seed=0)
@@ -210,8 +210,7 @@ def test_request_logging_writes_one_json_line_per_request(
 def test_the_request_log_names_the_protocol_of_each_request(
     exported_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="serving.grpc.interceptors")
-    caplog.set_level("INFO", logger="serving.http.rest")
+    caplog.set_level("INFO", logger="serving.request_record")
     z = np.zeros((2, 20), np.float32)
     with running_server(exported_repository, log_requests=True) as server, VaeClient(server.target) as client:
         client.decode(z)

@@ -6,8 +6,13 @@ generated config that scrapes the test server every second, labelled the way the
 a cluster (job, namespace, pod), and evaluates deploy/prometheus's rules every second. Bounded: a few
 hundred requests over a few seconds, all to 127.0.0.1.
 
+The server traces every request to an OTLP receiver on a loopback port (`bench.otlp_receiver`), and Prometheus
+stores exemplars (`--enable-feature=exemplar-storage`; it asks for the OpenMetrics exposition, which carries
+them): the exemplars it returns must name traces the receiver got.
+
 Series from other exporters (the DCGM exporter's GPU metrics, kube-state-metrics) cannot exist here: queries
-on them must evaluate, not return data. So must queries on metrics the server under test does not export.
+on them must evaluate, not return data. So must queries on metrics the server under test does not export. The
+dashboard's traces panel asks the tracing data source, not Prometheus, and is not evaluated here.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import pytest
 import yaml
 
+from bench.otlp_receiver import OtlpReceiver
 from serving.client import VaeClient, VaeError
 from tests.helpers import ROOT, ServerThread, running_server, scrape, wait_until
 
@@ -66,9 +72,18 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def server(exported_repository: Path) -> Iterator[ServerThread]:
-    with running_server(exported_repository, max_delay_ms=2.0) as running:
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def server(exported_repository: Path, receiver: OtlpReceiver) -> Iterator[ServerThread]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in receiver.env().items():  # read once, as the server starts
+            patch.setenv(name, value)
+        with running_server(exported_repository, max_delay_ms=2.0) as running:
+            yield running
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +115,7 @@ def prometheus(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -
             f"--config.file={directory / 'prometheus.yml'}",
             f"--storage.tsdb.path={directory / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
+            "--enable-feature=exemplar-storage",
         ],
         stdout=subprocess.DEVNULL,
         stderr=(directory / "prometheus.log").open("w"),
@@ -173,7 +189,12 @@ def reads_only(expr: str, exported: set[str]) -> bool:
 
 def dashboard_targets() -> list[tuple[str, str]]:
     board = json.loads((DEPLOY / "grafana" / "vae-service.json").read_text())
-    return [(panel["title"], target["expr"]) for panel in board["panels"] for target in panel.get("targets", [])]
+    return [
+        (panel["title"], target["expr"])
+        for panel in board["panels"]
+        for target in panel.get("targets", [])
+        if "expr" in target  # PromQL; the traces panel's TraceQL goes to the tracing data source
+    ]
 
 
 def as_query(expr: str) -> str:
@@ -244,3 +265,23 @@ def test_scraped_counts_match_the_traffic_sent(prometheus: Prometheus, traffic: 
     assert total('vae_requests_total{method="Decode", code="INVALID_ARGUMENT"}') == traffic["invalid"]
     assert total('vae_model_info{namespace="vae", pod="vae-server-0"}') == 1
     assert total("up{job='vae-server'}") == 1
+
+
+@pytest.mark.parametrize("histogram", ["vae_request_duration_seconds", "vae_queue_wait_seconds"])
+def test_prometheus_keeps_exemplars_that_name_the_traces_of_the_requests(
+    prometheus: Prometheus, traffic: dict, receiver: OtlpReceiver, histogram: str
+) -> None:
+    now = time.time()
+    reply = prometheus.get(
+        "/api/v1/query_exemplars", query=f'{histogram}_bucket{{job="vae-server"}}', start=str(now - 600), end=str(now)
+    )
+    assert reply["status"] == "success", reply
+    exemplars = [exemplar for series in reply["data"] for exemplar in series["exemplars"]]
+    assert exemplars, f"Prometheus stored no exemplar of {histogram}"
+    traces = {exemplar["labels"]["trace_id"] for exemplar in exemplars}
+    received = receiver.wait_for(lambda spans: traces <= {span.trace_id for span in spans})
+    named = {span.span_id: span for span in received}
+    for exemplar in exemplars:  # each names a span the receiver got, of that trace: the request's (or, for a
+        span = named[exemplar["labels"]["span_id"]]  # Score's wait, the step that queued its rows)
+        assert span.trace_id == exemplar["labels"]["trace_id"]
+        assert span.kind == "SPAN_KIND_SERVER" or span.name in ("vae.encode", "vae.decode")

@@ -20,6 +20,7 @@ from serving.dataplane.batcher import (
     next_target_rows,
 )
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
+from serving.tracing import Traced
 
 
 class FakeModel:
@@ -49,7 +50,14 @@ class Recorder:
     def queue_depth(self, graph: str, rows: int) -> None:
         self.depths.append(rows)
 
-    def batch_ran(self, graph: str, rows: int, queue_wait_seconds: Sequence[float], inference_seconds: float) -> None:
+    def batch_ran(
+        self,
+        graph: str,
+        rows: int,
+        queue_wait_seconds: Sequence[float],
+        inference_seconds: float,
+        traced: Sequence[Traced | None] = (),
+    ) -> None:
         self.runs.append((rows, len(queue_wait_seconds)))
         self.waits.append((rows, list(queue_wait_seconds)))
 
