@@ -137,11 +137,19 @@ def test_dashboard_is_templated_on_datasource_namespace_and_pod() -> None:
     board = dashboard()
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["traces"]["type"] == "datasource" and variables["traces"]["query"] == "tempo"
     assert {"namespace", "pod"} <= variables.keys()
+    # Each panel asks the data source its variable picks, and follows the namespace selection: PromQL by the
+    # `namespace` label, TraceQL by the resource attribute the tracing component sets.
+    sources = {"prometheus": ("${datasource}", 'namespace=~"$namespace"'),
+               "tempo": ("${traces}", 'resource.k8s.namespace.name =~ "${namespace:regex}"')}  # fmt: skip
     for panel in panels().values():
-        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        uid, namespace_filter = sources[panel["datasource"]["type"]]
+        assert panel["datasource"]["uid"] == uid, panel["title"]
         for target in panel["targets"]:
-            assert 'namespace=~"$namespace"' in target["expr"], (panel["title"], target["expr"])
+            assert target.get("datasource", panel["datasource"]) == panel["datasource"], panel["title"]
+            query = target["expr"] if "expr" in target else target["query"]
+            assert namespace_filter in query, (panel["title"], query)
 
 
 def test_every_panel_has_a_unit_and_thresholds() -> None:
@@ -173,7 +181,7 @@ def test_healthy_pods_shows_zero_not_no_data_when_every_pod_is_gone() -> None:
 
 
 def test_dashboard_covers_what_operators_watch() -> None:
-    exprs = " ".join(t["expr"] for p in panels().values() for t in p["targets"])
+    exprs = " ".join(t["expr"] for p in panels().values() for t in p["targets"] if "expr" in t)
     for metric in (
         "vae_requests_total",
         "vae_request_duration_seconds_bucket",
@@ -197,6 +205,7 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "DCGM_FI_DEV_GPU_UTIL",  # the GPU overlay's device, from the DCGM exporter
         "DCGM_FI_DEV_FB_USED",
         "DCGM_FI_DEV_GPU_TEMP",
+        "vae_trace_spans_dropped_total",  # traces lost to a full export queue
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):
@@ -210,3 +219,49 @@ def test_dashboard_covers_what_operators_watch() -> None:
         in panels()["Traffic share by pod (1 = even split)"]["targets"][0]["expr"]
     )
     assert "sum by (code)" in panels()["Rejected share by reason (status code)"]["targets"][0]["expr"]
+
+
+def latency_histograms_read(panel: dict) -> bool:
+    """Whether a panel plots quantiles of a histogram whose observations carry a sampled request's trace."""
+    return any(
+        "histogram_quantile(" in target.get("expr", "")
+        and re.search(r"\b(vae_request_duration_seconds|vae_queue_wait_seconds)_bucket\b", target["expr"])
+        for target in panel["targets"]
+    )
+
+
+def test_latency_panels_show_exemplars_once_each() -> None:
+    """The dots that lead to a slow request's trace: one query per latency panel asks for them (every query of a
+    panel reads the same buckets, so each would draw the same dots again), the p99, where slow requests are."""
+    latency = {title: panel for title, panel in panels().items() if latency_histograms_read(panel)}
+    assert latency.keys() == {
+        "Latency p50 / p95 / p99 by method",
+        "Latency p99 by version",
+        "Queue wait p50 / p99 by graph",
+    }
+    for title, panel in latency.items():
+        asking = [target for target in panel["targets"] if target.get("exemplar") is True]
+        assert len(asking) == 1 and asking[0]["expr"].startswith("histogram_quantile(0.99, "), title
+    elsewhere = [title for title, panel in panels().items() if title not in latency
+                 for target in panel["targets"] if target.get("exemplar")]  # fmt: skip
+    assert elsewhere == []  # no other series carries exemplars
+
+
+def test_slow_requests_traces_come_from_the_traces_variables_data_source() -> None:
+    """The traces panel searches `${traces}` (the Tempo data source picked) for the server spans the latency
+    objective counts as slow, under the service name the tracing component gives; each trace ID it lists opens the
+    trace in that data source (a Tempo search table links its IDs)."""
+    component = yaml.safe_load((DEPLOY / "k8s" / "components" / "tracing" / "kustomization.yaml").read_text())
+    (patch,) = [yaml.safe_load(p["patch"]) for p in component["patches"] if p["target"]["kind"] == "Deployment"]
+    env = {v["name"]: v.get("value") for v in patch["spec"]["template"]["spec"]["containers"][0]["env"]}
+    (panel,) = [panel for panel in panels().values() if panel["datasource"]["type"] == "tempo"]
+    assert panel["datasource"] == {"type": "tempo", "uid": "${traces}"}
+    (target,) = panel["targets"]
+    assert target["queryType"] == "traceql" and target["tableType"] == "traces" and target["limit"] > 0
+    query = target["query"]
+    assert f'resource.service.name = "{env["OTEL_SERVICE_NAME"]}"' in query and "kind = server" in query
+    threshold_ms = {float(le) * 1000 for rule in rules() for le in re.findall(r'\ble="([^"]+)"', rule["expr"])}
+    assert threshold_ms == {250} and "duration > 250ms" in query  # the latency objective's "slow"
+    assert 'name !~ ".*SampleStream"' in query  # streams are not unary requests: the objective leaves them out
+    assert 'resource.k8s.pod.name =~ "${pod:regex}"' in query
+    assert (250, "red") in steps(panel)

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import kubernetes_validate
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.resources import Resource
 
 from contract.settings import specs
 from serving.server.config import ENV_PREFIX, ServerConfig, load_config
+from serving.tracing import Tracing
 from tests.helpers import ROOT, ServerThread, make_pki
 
 DEPLOY = ROOT / "deploy"
@@ -31,6 +36,7 @@ KUBERNETES_VERSION = "1.37.0"
 OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_dir())
 COMPONENTS = sorted(path.name for path in (K8S / "components").iterdir() if path.is_dir())
 MONITORING = "prometheus-operator"  # the component holding the Prometheus Operator objects
+TRACING = "tracing"  # the component pointing the server at an OpenTelemetry Collector
 REQUIRES_CRDS = "vae-service/requires-crds"  # a component's annotation: the CRDs its objects need
 GRPC_PORT, HTTP_PORT, METRICS_PORT, HEALTH_PORT = 50051, 8080, 9090, 8081
 
@@ -435,6 +441,131 @@ def test_inflight_hpa_component_scales_on_the_inflight_metric(tmp_path: Path) ->
     objects = with_components(tmp_path, "cpu", "hpa-inflight")
     hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vae_inflight_requests"
+
+
+def container_env(objects: list[dict]) -> dict[str, dict]:
+    return {variable["name"]: variable for variable in server_container(objects).get("env", [])}
+
+
+def as_the_kubelet_sets(env: dict[str, dict], pod: dict[str, str]) -> dict[str, str]:
+    """The container's variables as the process sees them: the downward API's fields filled in from `pod`, and
+    each $(NAME) replaced by a variable defined before it (Kubernetes' rule; a later one stays as written)."""
+    resolved: dict[str, str] = {}
+    for name, variable in env.items():
+        if "valueFrom" in variable:
+            resolved[name] = pod[variable["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            resolved[name] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: resolved.get(m[1], m[0]), variable["value"]
+            )
+    return resolved
+
+
+def policies_of_the_pod(objects: list[dict]) -> list[dict]:
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return [
+        o["spec"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and o["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_tracing_component_points_the_server_at_the_collector_and_lets_only_otlp_out_to_it(
+    tmp_path: Path, overlay: str
+) -> None:
+    alone = kustomize(K8S / "overlays" / overlay)
+    objects = with_components(tmp_path, overlay, TRACING)
+    env = container_env(objects)
+    endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"])
+    host = endpoint.hostname or ""
+    assert env["OTEL_TRACES_EXPORTER"]["value"] == "otlp"
+    assert endpoint.scheme == "http" and env["OTEL_EXPORTER_OTLP_INSECURE"]["value"] == "true"  # plaintext in-cluster
+    assert endpoint.port == 4317 and host.endswith(".svc.cluster.local")  # OTLP/gRPC, the Service
+    assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.1"
+    assert env["OTEL_SERVICE_NAME"]["value"] == "vae-serving"
+    process = as_the_kubelet_sets(env, {"metadata.name": "vae-server-0", "metadata.namespace": "vae"})
+    attributes = dict(pair.split("=", 1) for pair in process["OTEL_RESOURCE_ATTRIBUTES"].split(","))
+    assert attributes == {"k8s.namespace.name": "vae", "k8s.pod.name": "vae-server-0"}
+    # Nothing else of the pod changes: the ConfigMap holds the server's flags only, envFrom still reads it.
+    assert not any(key.startswith("OTEL_") for key in server_settings(objects)["data"])
+    template = one(objects, "Deployment")["spec"]["template"]
+    template["spec"]["containers"][0].pop("env")
+    assert template == one(alone, "Deployment")["spec"]["template"]
+
+    # Egress: the base policy untouched (DNS), and the collector's namespace on 4317 from a policy of its own.
+    assert one(objects, "NetworkPolicy") == one(alone, "NetworkPolicy")
+    tracing = one(objects, "NetworkPolicy", "vae-server-tracing")["spec"]
+    assert tracing["podSelector"] == one(alone, "NetworkPolicy")["spec"]["podSelector"]
+    assert tracing["policyTypes"] == ["Egress"] and "ingress" not in tracing  # admits no one in
+    collector_namespace = host.split(".")[1]  # <service>.<namespace>.svc.cluster.local
+    assert tracing["egress"] == [
+        {
+            "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": collector_namespace}}}],
+            "ports": [{"port": 4317, "protocol": "TCP"}],
+        }
+    ]
+    allowed = {
+        (p["port"], p["protocol"]) for spec in policies_of_the_pod(objects) for r in spec["egress"] for p in r["ports"]
+    }
+    assert allowed == {(53, "UDP"), (53, "TCP"), (4317, "TCP")}
+
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(objects))
+    result = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "--kubernetes-version", KUBERNETES_VERSION, str(rendered)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" passed for resource ") == len(objects) == len(alone) + 1
+
+
+def with_tracing_to(directory: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
+    """Build the cpu overlay with a copy of the tracing component whose one setting, the endpoint, is `endpoint`."""
+    copy = directory / TRACING
+    shutil.copytree(K8S / "components" / TRACING, copy)
+    kustomization = (copy / "kustomization.yaml").read_text()
+    default = re.search(r"value: (http://\S+:4317)", kustomization)
+    assert default is not None
+    (copy / "kustomization.yaml").write_text(kustomization.replace(default[1], endpoint))
+    (directory / "deploy").symlink_to(DEPLOY)
+    scratch = {"namespace": "vae", "resources": ["deploy/k8s/overlays/cpu"], "components": [TRACING]}
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(scratch))
+    return subprocess.run(
+        [str(BIN / "kubectl"), "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_collectors_namespace_in_the_egress_rule_follows_the_endpoint(tmp_path: Path) -> None:
+    built = with_tracing_to(tmp_path / "other", "http://collector.tracing-system.svc:4317")
+    assert built.returncode == 0, built.stderr
+    objects = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    assert container_env(objects)["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://collector.tracing-system.svc:4317"
+    (rule,) = one(objects, "NetworkPolicy", "vae-server-tracing")["spec"]["egress"]
+    assert rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracing-system"}}}]
+    # An endpoint that names no namespace fails the build rather than letting the spans out nowhere.
+    unnamed = with_tracing_to(tmp_path / "unnamed", "http://otel-collector:4317")
+    assert unnamed.returncode != 0 and "out of bounds" in unnamed.stderr
+
+
+def test_the_server_traces_with_the_tracing_components_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the pod's process reads, read by the server: an exporter and a sampler it has (anything else would be
+    one `tracing_disabled` line and no traces), and the resource the traces are searched by."""
+    env = container_env(with_components(tmp_path, "cpu", TRACING))
+    for name, value in as_the_kubelet_sets(env, {"metadata.name": "vae-server-0", "metadata.namespace": "vae"}).items():
+        monkeypatch.setenv(name, value)
+    tracing = Tracing.from_environment("0.1.0")
+    try:
+        assert tracing.enabled
+    finally:
+        tracing.shutdown()
+    resource = Resource.create().attributes
+    assert resource["service.name"] == "vae-serving" and resource["k8s.namespace.name"] == "vae"
 
 
 def test_dashboard_configmap_is_provisioned_for_the_grafana_sidecar(monitored) -> None:
