@@ -59,6 +59,43 @@ def _attributes(pairs: Sequence[common_pb2.KeyValue]) -> dict[str, Any]:
     return {pair.key: _value(pair.value) for pair in pairs}
 
 
+def draw(spans: Sequence[ReceivedSpan], trace_id: str) -> str:
+    """One trace as text: its spans as a tree (start offset and duration in ms, the attributes that say what
+    happened), then each span of another trace that links into it (the batches that carried its rows)."""
+    mine = sorted((span for span in spans if span.trace_id == trace_id), key=lambda span: span.start_ns)
+    if not mine:
+        return f"trace {trace_id}: no spans"
+    origin = mine[0].start_ns
+    children: dict[str, list[ReceivedSpan]] = {}
+    for span in mine:
+        children.setdefault(span.parent_span_id, []).append(span)
+    ids = {span.span_id for span in mine}
+
+    def line(span: ReceivedSpan, depth: int) -> str:
+        shown = {key: value for key, value in span.attributes.items() if key.startswith(("vae.", "rpc.grpc", "http.r"))}
+        details = " ".join(f"{key}={value}" for key, value in shown.items())
+        start = (span.start_ns - origin) / 1e6
+        return f"{'  ' * depth}{span.name}  +{start:.3f} ms  {span.duration_ms:.3f} ms  {details}".rstrip()
+
+    lines = [f"trace {trace_id}"]
+
+    def walk(parent: str, depth: int) -> None:
+        for span in children.get(parent, []):
+            lines.append(line(span, depth))
+            walk(span.span_id, depth + 1)
+
+    for root in (span for span in mine if span.parent_span_id not in ids):  # its root, under the caller's span
+        lines.append(line(root, 1))
+        walk(root.span_id, 2)
+    for batch in sorted((span for span in spans if span.trace_id != trace_id), key=lambda span: span.start_ns):
+        into = [linked for linked_trace, linked in batch.links if linked_trace == trace_id]
+        if into:
+            names = ", ".join(span.name for span in mine if span.span_id in into)
+            lines.append(f"linked from trace {batch.trace_id} (to {names}; {len(batch.links)} links in all):")
+            lines.append(line(batch, 1))
+    return "\n".join(lines)
+
+
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self.receiver = receiver

@@ -20,8 +20,8 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.otlp_receiver import OtlpReceiver, ReceivedSpan
-from serving.api import pb, pb_grpc
+from bench.otlp_receiver import OtlpReceiver, ReceivedSpan, draw
+from serving.api import oip, oip_grpc, pb, pb_grpc
 from serving.api.tensors import fill_tensor
 from serving.client import VaeClient
 from serving.server.logs import JsonFormatter
@@ -127,6 +127,12 @@ def test_a_score_shows_its_steps_and_the_rows_each_pass_ran(model_dir: Path, rec
     assert steps["vae.encode"].attributes["vae.rows"] == 3
     assert steps["vae.decode"].attributes["vae.rows"] == 3 * (1 + 4)  # the means and 4 draws per image
     assert steps["vae.encode"].end_ns <= steps["vae.decode"].start_ns <= steps["vae.score"].start_ns
+    drawn = draw(spans, trace_id).splitlines()  # the tree as bench.otlp_receiver.draw writes it
+    assert [line.split()[0] for line in drawn[1:6]] == [
+        "vae.v1.VaeService/Score", "vae.encode", "vae.queue_wait", "vae.decode", "vae.queue_wait",
+    ]  # fmt: skip
+    assert drawn[6].split()[0] == "vae.score"
+    assert sum(line.startswith("linked from trace") for line in drawn) == 2  # the encoder's and decoder's runs
     for step, graph in (("vae.encode", "encoder"), ("vae.decode", "decoder")):
         (batch,) = [
             span for span in by_name(spans, f"vae.batch {graph}") if span.links == [(trace_id, steps[step].span_id)]
@@ -240,3 +246,30 @@ def test_spans_the_export_queue_cannot_hold_are_dropped_and_counted_and_requests
         dropped = server.metric("vae_trace_spans_dropped_total")
         assert dropped >= 20 * 3 + 4 - (4 + 2) and dropped == server.running.tracing.dropped_spans
         receiver.resume()
+
+
+def test_each_stream_message_is_a_span_under_the_stream_s_and_its_batch_links_it(
+    model_dir: Path, receiver: OtlpReceiver
+) -> None:
+    trace_id, span_id, traceparent = caller_span()
+
+    def messages() -> Iterator[oip.ModelInferRequest]:
+        for index in range(3):
+            message = oip.ModelInferRequest(model_name="vae-mnist-decoder", id=f"m{index}")
+            message.inputs.add(name="z", datatype="FP32", shape=[1, 20])
+            message.raw_input_contents.append(np.zeros((1, 20), np.float32).tobytes())
+            yield message
+
+    with running_server(model_dir, poll_seconds=0) as server, grpc.insecure_channel(server.target) as channel:
+        stream = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            messages(), metadata=(("traceparent", traceparent),), timeout=30
+        )
+        assert [reply.error_message for reply in stream] == ["", "", ""]
+    spans = receiver.wait_for(lambda spans: len(by_name(spans, "vae.stream_message")) == 3)
+    (call,) = by_name(spans, "inference.GRPCInferenceService/ModelStreamInfer")
+    assert (call.trace_id, call.parent_span_id) == (trace_id, span_id)
+    stream_messages = by_name(spans, "vae.stream_message")
+    assert {message.parent_span_id for message in stream_messages} == {call.span_id}
+    assert sorted(message.attributes["vae.request_id"] for message in stream_messages) == ["m0", "m1", "m2"]
+    linked = sorted(link for batch in by_name(spans, "vae.batch decoder") for link in batch.links)
+    assert linked == sorted((trace_id, message.span_id) for message in stream_messages)
