@@ -6,6 +6,9 @@ is the one place that turns them into gRPC status codes.
 
 from __future__ import annotations
 
+# What a caller is told of a failure that is none of these (a bug): the detail stays in the server's log.
+INTERNAL_MESSAGE = "internal error while running the model (logged on the server)"
+
 
 class ServingError(Exception):
     """Base class of the failures below."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from serving.api.tensors import WireFormatError
-from serving.errors import DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
+from serving.errors import INTERNAL_MESSAGE, DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
 
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -19,8 +19,6 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-
-INTERNAL_MESSAGE = "internal error while running the model (logged on the server)"
 
 # A call cancelled this close to its deadline (or past it) counts as DEADLINE_EXCEEDED, not CANCELLED. The
 # server's deadline is the client's timeout counted from when the request arrived, so it lags the client's

@@ -5,7 +5,7 @@ server."""
 
 from __future__ import annotations
 
-from serving.errors import DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
+from serving.errors import INTERNAL_MESSAGE, DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
 
 _STATUSES: dict[type[Exception], tuple[int, str]] = {
     InvalidRequest: (400, "INVALID_ARGUMENT"),
@@ -14,8 +14,6 @@ _STATUSES: dict[type[Exception], tuple[int, str]] = {
     NotReady: (503, "UNAVAILABLE"),
     DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
 }
-
-INTERNAL_MESSAGE = "internal error while running the model (logged on the server)"
 
 
 def http_status(error: BaseException) -> tuple[int, str, str]:

@@ -282,3 +282,36 @@ def test_the_port_refuses_a_body_too_large_connections_beyond_the_cap_and_silent
         url = f"{server.http_url}/v2/models/{MODEL}-decoder/infer"
         status, _, reply = call(url, b"{" + b" " * 70_000 + b"}")
         assert status == 413 and "larger than 65536 bytes" in json.loads(reply)["error"]
+
+
+def test_a_bug_is_500_or_internal_with_a_generic_message_logged_on_the_server_and_serving_goes_on(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the protocol's path (injected: the catalogue's inference raises what no check raises) reaches
+    neither protocol's caller as a stack trace: REST 500 and gRPC INTERNAL, the same generic message, the
+    exception in the server's log, counted as INTERNAL; the next request is served."""
+    from serving.errors import INTERNAL_MESSAGE
+    from serving.oip.models import Catalogue
+
+    infer = Catalogue.infer
+
+    async def broken(self: Catalogue, request: Any) -> Any:
+        raise RuntimeError("secret detail of a bug")
+
+    body = {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 20], "data": [0.0] * 20}]}
+    message = oip.ModelInferRequest(model_name=f"{MODEL}-decoder")
+    message.inputs.add(name="z", datatype="FP32", shape=[1, 20])
+    message.raw_input_contents.append(np.zeros((1, 20), np.float32).tobytes())
+    with running_server(model_dir, poll_seconds=0) as server, grpc.insecure_channel(server.target) as channel:
+        url, stub = f"{server.http_url}/v2/models/{MODEL}-decoder/infer", oip_grpc.GRPCInferenceServiceStub(channel)
+        monkeypatch.setattr(Catalogue, "infer", broken)
+        assert post_json(url, body) == (500, {"error": INTERNAL_MESSAGE})
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(message, timeout=30)
+        assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        monkeypatch.setattr(Catalogue, "infer", infer)
+        assert post_json(url, body)[0] == 200 and stub.ModelInfer(message, timeout=30).model_version == "1"
+        for protocol in ("http", "grpc"):
+            assert server.metric("vae_requests_total", method="ModelInfer", code="INTERNAL", protocol=protocol) == 1
+    logged = [record for record in caplog.records if record.getMessage() == "request_failed"]
+    assert len(logged) == 2 and all("secret detail of a bug" in str(record.exc_text or "") for record in logged)
