@@ -29,8 +29,10 @@ import contextlib
 import contextvars
 import logging
 import os
+import random
+import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,15 +42,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -62,7 +56,6 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 Span = trace.Span  # what `lifecycle` and `start_lifecycle` give (the rest of the server names no OpenTelemetry type)
 _ALWAYS_RECORDED = "vae.lifecycle"  # the attribute of spans recorded whatever the sampler says
 _PROPAGATOR = TraceContextTextMapPropagator()
-_TRACE_HEADERS = frozenset(_PROPAGATOR.fields)  # traceparent, tracestate
 
 
 class TracingConfigError(ValueError):
@@ -105,12 +98,47 @@ def current_exemplar() -> dict[str, str] | None:
     return exemplar(trace.get_current_span().get_span_context())
 
 
-class _Sampler(Sampler):
-    """The configured sampler for requests; a batch is recorded when a request it links is sampled, and version
-    swaps always are (both are roots, which a ratio sampler would otherwise drop most of)."""
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_LOW_64 = (1 << 64) - 1
 
-    def __init__(self, requests: Sampler) -> None:
-        self.requests = requests
+
+def parse_traceparent(value: str | None) -> tuple[int, bool] | None:
+    """A W3C traceparent's trace id and sampled flag; None when absent or invalid (then the request starts a
+    trace of its own, as the W3C spec says)."""
+    match = _TRACEPARENT.match(value.strip().lower()) if value else None
+    if match is None or match[1] == "ff" or int(match[2], 16) == 0 or int(match[3], 16) == 0:
+        return None
+    return int(match[2], 16), bool(int(match[4], 16) & 1)
+
+
+@dataclass(frozen=True)
+class RequestSampler:
+    """Which requests are traced (OTEL_TRACES_SAMPLER's rule), decided from the caller's traceparent before any
+    span exists: an unsampled request gets no span at all, so it costs a header lookup, not the SDK's span."""
+
+    name: str
+    parent_based: bool  # a caller's decision stands
+    ratio: float  # the share of the others traced: 1 (always_on), 0 (always_off), or traceidratio's argument
+
+    def sampled(self, traceparent: str | None) -> bool:
+        parent = parse_traceparent(traceparent)
+        if parent is not None and self.parent_based:
+            return parent[1]
+        if self.ratio >= 1.0 or self.ratio <= 0.0:
+            return self.ratio >= 1.0
+        trace_id = parent[0] if parent is not None else random.getrandbits(64)  # a new trace: any id will do
+        return (trace_id & _LOW_64) < round(self.ratio * (1 << 64))  # the SDK's TraceIdRatioBased rule
+
+    @property
+    def description(self) -> str:
+        return f"{self.name}({self.ratio:g})" if "ratio" in self.name else self.name
+
+
+class _Sampler(Sampler):
+    """What the SDK records: a request's SERVER span (made only for a request `RequestSampler` chose), the
+    children of recorded spans, a batch linked to a recorded request, and version swaps (roots of their own)."""
+
+    _children = ParentBased(ALWAYS_OFF)
 
     def should_sample(
         self,
@@ -122,27 +150,22 @@ class _Sampler(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: Any = None,
     ) -> SamplingResult:
+        if kind is SpanKind.SERVER or (attributes and attributes.get(_ALWAYS_RECORDED)):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
         if links and any(link.context.trace_flags.sampled for link in links):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        if attributes and attributes.get(_ALWAYS_RECORDED):
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return self.requests.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        return self._children.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:
-        return f"VaeSampler{{{self.requests.get_description()}}}"
+        return "VaeSampler"
 
 
-def sampler_from(environ: Mapping[str, str]) -> Sampler:
-    """OTEL_TRACES_SAMPLER (and its _ARG) as a sampler; TracingConfigError for one this server does not have."""
+def sampler_from(environ: Mapping[str, str]) -> RequestSampler:
+    """OTEL_TRACES_SAMPLER (and its _ARG) as the request sampler; TracingConfigError for one this server lacks."""
     name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    fixed = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "parentbased_always_on": ParentBased(ALWAYS_ON),
-        "parentbased_always_off": ParentBased(ALWAYS_OFF),
-    }
+    fixed = {"always_on": 1.0, "always_off": 0.0, "parentbased_always_on": 1.0, "parentbased_always_off": 0.0}
     if name in fixed:
-        return fixed[name]
+        return RequestSampler(name, name.startswith("parentbased_"), fixed[name])
     if name in ("traceidratio", "parentbased_traceidratio"):
         argument = environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
         try:
@@ -151,8 +174,7 @@ def sampler_from(environ: Mapping[str, str]) -> Sampler:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
             raise TracingConfigError(f"OTEL_TRACES_SAMPLER_ARG={argument!r}: {name} takes a ratio from 0 to 1")
-        ratio_sampler = TraceIdRatioBased(ratio)
-        return ratio_sampler if name == "traceidratio" else ParentBased(ratio_sampler)
+        return RequestSampler(name, name.startswith("parentbased_"), ratio)
     accepted = ", ".join([*fixed, "traceidratio", "parentbased_traceidratio"])
     raise TracingConfigError(f"OTEL_TRACES_SAMPLER={name!r} is not a sampler this server has: use one of {accepted}")
 
@@ -197,7 +219,7 @@ def resource_from(version: str) -> Resource:
 
 
 class _CountingProcessor(SpanProcessor):
-    """The SDK's BatchSpanProcessor, counting the spans it drops because its queue is full."""
+    """The SDK's BatchSpanProcessor, but a span that finds its queue full is dropped here, and counted."""
 
     def __init__(self, exporter: SpanExporter) -> None:
         self.batch = BatchSpanProcessor(exporter)
@@ -209,8 +231,9 @@ class _CountingProcessor(SpanProcessor):
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
-        if len(self._queue) >= self._capacity:  # the processor drops its oldest span to take this one
-            self.dropped += 1
+        if len(self._queue) >= self._capacity:  # full: this span goes, counted (the SDK would drop its oldest,
+            self.dropped += 1  # uncounted); its worker only takes from the queue, so it cannot fill meanwhile
+            return
         self.batch.on_end(span)
 
     def shutdown(self) -> None:
@@ -238,22 +261,21 @@ class BatchSpans:
 
     @staticmethod
     def capture() -> Traced | None:
-        """The current request's span and the time, when it has one (at enqueue)."""
+        """The current request's span and the time, when it is sampled (at enqueue)."""
         span_context = trace.get_current_span().get_span_context()
-        return Traced(span_context, time.time_ns()) if span_context.is_valid else None
+        return Traced(span_context, time.time_ns()) if span_context.trace_flags.sampled else None
 
     def ran(self, traced: Sequence[Traced | None], rows: int, started_ns: int, ended_ns: int) -> None:
-        """One run of `rows` rows from `started_ns` to `ended_ns`: its span, linked to every request whose rows it
-        carried, and under each sampled request the time its rows queued."""
+        """One run of `rows` rows from `started_ns` to `ended_ns`: when it carried sampled requests' rows, its span,
+        linked to each of them, and under each the time its rows queued."""
         requests = [item for item in traced if item is not None]
-        if not any(item.context.trace_flags.sampled for item in requests):
+        if not requests:
             return
         for item in requests:
-            if item.context.trace_flags.sampled:
-                parent = trace.set_span_in_context(trace.NonRecordingSpan(item.context))
-                wait = self._tracer.start_span("vae.queue_wait", parent, start_time=item.queued_ns,
-                                               attributes=self._attributes)  # fmt: skip
-                wait.end(end_time=max(started_ns, item.queued_ns))
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(item.context))
+            wait = self._tracer.start_span("vae.queue_wait", parent, start_time=item.queued_ns,
+                                           attributes=self._attributes)  # fmt: skip
+            wait.end(end_time=max(started_ns, item.queued_ns))
         attributes: dict[str, Any] = {**self._attributes, "vae.rows": rows, "vae.requests": len(traced)}
         links = [Link(item.context) for item in requests]
         span = self._tracer.start_span(
@@ -285,7 +307,13 @@ class ServerSpan:
 class Tracing:
     """The server's tracer (`OFF`, or built by `from_environment`), and the spans the server makes with it."""
 
-    def __init__(self, provider: TracerProvider | None = None, processors: Sequence[_CountingProcessor] = ()) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider | None = None,
+        processors: Sequence[_CountingProcessor] = (),
+        requests: RequestSampler | None = None,
+    ) -> None:
+        self.requests = requests or RequestSampler("always_off", False, 0.0)
         self._provider = provider
         self._processors = list(processors)
         self.enabled = provider is not None
@@ -300,22 +328,22 @@ class Tracing:
             exporters = exporters_from(environ)
             if not exporters:
                 return OFF
-            sampler = _Sampler(sampler_from(environ))
+            requests = sampler_from(environ)
             resource = resource_from(version)
         except Exception as error:  # the SDK's own checks too: a bad header or certificate path
             log.error("tracing_disabled", extra={"fields": {"error": str(error)}})
             return OFF
         processors = [_CountingProcessor(exporter) for exporter in exporters]
-        provider = TracerProvider(sampler=sampler, resource=resource)
+        provider = TracerProvider(sampler=_Sampler(), resource=resource)
         for processor in processors:
             provider.add_span_processor(processor)
         fields = {
             "exporters": ",".join(type(exporter).__name__ for exporter in exporters),
-            "sampler": sampler.get_description(),
+            "sampler": requests.description,
             "service": resource.attributes.get("service.name"),
         }
         log.info("tracing_enabled", extra={"fields": fields})
-        return cls(provider, processors)
+        return cls(provider, processors, requests)
 
     @property
     def dropped_spans(self) -> int:
@@ -328,12 +356,18 @@ class Tracing:
             self._provider.shutdown()
 
     def start_server_span(
-        self, name: str, carrier: Iterable[tuple[str, Any]], attributes: Mapping[str, Any]
-    ) -> ServerSpan:
-        """A SERVER span for one request, current until `ServerSpan.end`, continuing the caller's trace from
-        the `traceparent` and `tracestate` among `carrier` (header or metadata pairs, keys lowercase)."""
-        headers = {key: value for key, value in carrier if key in _TRACE_HEADERS and isinstance(value, str)}
-        parent = _PROPAGATOR.extract(headers) if headers else otel_context.Context()
+        self, name: str, traceparent: str | None, tracestate: str | None, attributes: Mapping[str, Any]
+    ) -> ServerSpan | None:
+        """A SERVER span for one request, current until `ServerSpan.end`, continuing the caller's trace from its
+        `traceparent` and `tracestate`; None (and nothing made) when the request is not sampled."""
+        if not self.requests.sampled(traceparent):
+            return None
+        if traceparent:
+            headers = {"traceparent": traceparent} if tracestate is None else {"traceparent": traceparent,
+                                                                               "tracestate": tracestate}  # fmt: skip
+            parent = _PROPAGATOR.extract(headers)
+        else:
+            parent = otel_context.Context()
         span = self._tracer.start_span(name, parent, SpanKind.SERVER, attributes)
         return ServerSpan(span, otel_context.attach(trace.set_span_in_context(span, parent)))
 

@@ -364,12 +364,12 @@ class Batcher:
             inference_seconds if estimate is None else estimate + _RUN_SECONDS_WEIGHT * (inference_seconds - estimate)
         )
         waits = [started_at - item.enqueued_at for item in batch]
-        if self._spans is None:
-            self._observer.batch_ran(self.graph, len(inputs), waits, inference_seconds)
-        else:
-            traced = [item.traced for item in batch]
+        traced = () if self._spans is None else [item.traced for item in batch]
+        if any(traced):  # rows of a sampled request: the run's span, the waits' exemplars
             self._observer.batch_ran(self.graph, len(inputs), waits, inference_seconds, traced)
-            self._spans.ran(traced, len(inputs), started_ns, time.time_ns())
+            self._spans.ran(traced, len(inputs), started_ns, time.time_ns())  # type: ignore[union-attr]
+        else:
+            self._observer.batch_ran(self.graph, len(inputs), waits, inference_seconds)
         offset = 0
         for item in batch:
             if not item.future.done():

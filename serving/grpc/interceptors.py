@@ -246,17 +246,26 @@ class _Call:
         self.span: ServerSpan | None = None
         interceptor.metrics.inflight.inc()
         if interceptor.reads_metadata:
-            self._begin(method)
+            traceparent, tracestate = self._read_metadata()
+            if interceptor.tracing.enabled:
+                service, name = method[1:].rsplit("/", 1)
+                attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+                self.span = interceptor.tracing.start_server_span(method[1:], traceparent, tracestate, attributes)
 
-    def _begin(self, method: str) -> None:
-        """Name the caller's request id for this call's log lines and, with tracing on, start its span."""
-        metadata = self.context.invocation_metadata() or ()
-        _name_request(metadata)
-        tracing = self.interceptor.tracing
-        if tracing.enabled:
-            service = method[1:].rsplit("/", 1)[0]
-            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": self.method}
-            self.span = tracing.start_server_span(method[1:], metadata, attributes)
+    def _read_metadata(self) -> tuple[str | None, str | None]:
+        """Name the caller's x-request-id for this call's log lines (this call's task, and the tasks it starts);
+        its traceparent and tracestate."""
+        traceparent = tracestate = None
+        for key, value in self.context.invocation_metadata() or ():
+            if not isinstance(value, str):  # binary metadata
+                continue
+            if key == REQUEST_ID_HEADER:
+                REQUEST_ID.set(request_id_of(value))
+            elif key == "traceparent":
+                traceparent = value
+            elif key == "tracestate":
+                tracestate = value
+        return traceparent, tracestate
 
     def accept(self) -> None:
         """Count the call as accepted: a drain waits for it."""
@@ -277,7 +286,7 @@ class _Call:
         status, message = status_for(error)
         if is_unexpected(error):
             if not self.interceptor.reads_metadata:  # the error line names the caller's request id all the same
-                _name_request(self.context.invocation_metadata() or ())
+                self._read_metadata()
             log.error("request_failed", exc_info=error, extra={"fields": {"method": self.method}})
         self._finish(status.name, None, message)
         await self.context.abort(status, message)
@@ -299,13 +308,6 @@ class _Call:
             if version:
                 attributes["vae.model.version"] = int(version)
             self.span.end(code not in _SERVER_ERRORS, attributes, error or code)
-
-
-def _name_request(metadata: Sequence[tuple[str, Any]]) -> None:
-    """The caller's x-request-id, for the log lines of this call's task and the tasks it starts."""
-    for key, value in metadata:
-        if key == REQUEST_ID_HEADER and isinstance(value, str):
-            REQUEST_ID.set(request_id_of(value))
 
 
 def _served_version(context: grpc.aio.ServicerContext) -> str:

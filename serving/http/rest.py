@@ -187,8 +187,10 @@ class RestApi:
                 "url.path": request.path,
             }
             name = f"{request.method} {attributes['http.route']}"
-            headers = ((key.lower(), value) for key, value in request.headers.items())
-            span = self.tracing.start_server_span(name, headers, attributes)
+            headers = request.headers
+            span = self.tracing.start_server_span(
+                name, headers.get("traceparent"), headers.get("tracestate"), attributes
+            )
         try:
             drain.check_accepting()
             if admitted:

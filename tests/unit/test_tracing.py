@@ -9,8 +9,8 @@ import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision
-from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from serving import tracing
 from serving.tracing import TracingConfigError
@@ -50,14 +50,35 @@ def test_an_exporter_the_server_lacks_is_refused_saying_what_it_has(environ: dic
 @pytest.mark.parametrize(
     ("environ", "description"),
     [
-        ({}, "ParentBased{root:AlwaysOnSampler"),
-        ({"OTEL_TRACES_SAMPLER": "always_off"}, "AlwaysOffSampler"),
-        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, "TraceIdRatioBased{0.25}"),
-        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}, "root:TraceIdRatio"),
+        ({}, "parentbased_always_on"),
+        ({"OTEL_TRACES_SAMPLER": "always_off"}, "always_off"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, "traceidratio(0.25)"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+         "parentbased_traceidratio(0.1)"),
     ],
-)
+)  # fmt: skip
 def test_the_sampler_is_the_one_the_variables_name(environ: dict[str, str], description: str) -> None:
-    assert description in tracing.sampler_from(environ).get_description()
+    assert tracing.sampler_from(environ).description == description
+
+
+SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+def test_requests_are_sampled_before_any_span_by_the_caller_s_decision_or_the_ratio() -> None:
+    parent_based = tracing.sampler_from({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                         "OTEL_TRACES_SAMPLER_ARG": "0.25"})  # fmt: skip
+    assert parent_based.sampled(SAMPLED) and not parent_based.sampled(UNSAMPLED)  # the caller's decision stands
+    roots = [parent_based.sampled(None) for _ in range(4000)]
+    assert 0.2 < sum(roots) / len(roots) < 0.3  # no caller's decision: the ratio
+    for invalid in ("ff-" + SAMPLED[3:], "00-" + "0" * 32 + SAMPLED[35:], SAMPLED[:36] + "0" * 16 + "-01", "x", ""):
+        assert tracing.parse_traceparent(invalid) is None  # a request with one of these starts its own trace
+    assert tracing.parse_traceparent(SAMPLED.upper()) == (0x0AF7651916CD43DD8448EB211C80319C, True)
+    ratio = tracing.sampler_from({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})
+    low, high = "00-" + "0" * 16 + "00000000000000ff-b7ad6b7169203331-00", "00-" + "f" * 32 + "-b7ad6b7169203331-01"
+    assert ratio.sampled(low) and not ratio.sampled(high)  # not parent-based: the trace id's low 64 bits decide
+    assert tracing.sampler_from({"OTEL_TRACES_SAMPLER": "always_off"}).sampled(SAMPLED) is False
+    assert tracing.sampler_from({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}).sampled(SAMPLED) is True
 
 
 @pytest.mark.parametrize(
@@ -87,17 +108,14 @@ def context(sampled: bool) -> SpanContext:
     return SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else 0))
 
 
-def test_batches_are_recorded_when_a_request_they_carry_is_and_version_swaps_always() -> None:
-    sampler = tracing._Sampler(ALWAYS_OFF)  # requests: never
-    decide = sampler.should_sample
-    assert decide(None, 1, "vae.batch decoder", links=[Link(context(False)), Link(context(True))]).decision == (
-        Decision.RECORD_AND_SAMPLE
-    )
+def test_the_sdk_records_chosen_requests_their_children_their_batches_and_version_swaps() -> None:
+    decide = tracing._Sampler().should_sample
+    recorded = Decision.RECORD_AND_SAMPLE
+    assert decide(None, 1, "vae.v1.VaeService/Decode", SpanKind.SERVER).decision == recorded  # chosen before
+    assert decide(None, 1, "vae.batch decoder", links=[Link(context(False)), Link(context(True))]).decision == recorded
     assert decide(None, 1, "vae.batch decoder", links=[Link(context(False))]).decision == Decision.DROP
-    assert decide(None, 1, "vae.version.load", attributes={"vae.lifecycle": True}).decision == (
-        Decision.RECORD_AND_SAMPLE
-    )
-    assert decide(None, 1, "vae.v1.VaeService/Decode").decision == Decision.DROP
+    assert decide(None, 1, "vae.version.load", attributes={"vae.lifecycle": True}).decision == recorded
+    assert decide(None, 1, "vae.encode").decision == Decision.DROP  # a step with no recorded parent
 
 
 def test_the_service_is_vae_serving_unless_the_variables_name_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,6 +160,7 @@ def test_spans_beyond_the_export_queue_are_dropped_and_counted(monkeypatch: pyte
     for _ in range(100):
         tracer.start_span("request").end()
     assert 100 - 8 - 4 <= processor.dropped <= 100 - 8  # the queue's 8, and at most one batch being exported
+    assert processor.batch._batch_processor._queue.maxlen == 8  # (the queue this reads is the SDK's own)
     exporter.release.set()
     provider.shutdown()
     assert exporter.exported == 100 - processor.dropped  # what was not dropped was exported
