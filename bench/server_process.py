@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -74,10 +74,16 @@ def gpu_used_total_bytes() -> int | None:
 class ServerProcess:
     """`command` started at once; `wait_started` waits for its `server_started` line."""
 
-    def __init__(self, command: Sequence[str]) -> None:
+    def __init__(
+        self, command: Sequence[str], *, cwd: str | Path | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        """`cwd` and `env`: the child's working directory and whole environment (default: this process's)."""
         # stdin closed: a server reads none, and a test runner's stdin (pytest-xdist talks to its workers over it)
         # must not reach `docker run`, which forwards it to the container.
-        self.process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            list(command), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
+            env=None if env is None else dict(env),
+        )  # fmt: skip
         self.lines: list[str] = []
         self.target = self.metrics_url = self.http_url = ""
         self.exit_code: int | None = None
@@ -86,13 +92,16 @@ class ServerProcess:
         self._reader.start()
 
     @classmethod
-    def vae_server(cls, *args: str, cpus: str | None = None) -> ServerProcess:
-        """`python -m serving.server *args` on 127.0.0.1, free ports; pinned to `cpus` (taskset) when given."""
+    def vae_server(
+        cls, *args: str, cpus: str | None = None, cwd: str | Path | None = None, env: Mapping[str, str] | None = None
+    ) -> ServerProcess:
+        """`python -m serving.server *args` on 127.0.0.1, free ports; pinned to `cpus` (taskset) when given. From
+        `cwd` (default: this process's), whose `serving` package `-m` then imports, with environment `env`."""
         command = [
             sys.executable, "-m", "serving.server", "--host=127.0.0.1", "--port=0", "--metrics-port=0", "--http-port=0",
             *args,
         ]  # fmt: skip
-        return cls(["taskset", "-c", cpus, *command] if cpus else command)
+        return cls(["taskset", "-c", cpus, *command] if cpus else command, cwd=cwd, env=env)
 
     def _read(self) -> None:
         assert self.process.stderr is not None

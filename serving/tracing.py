@@ -14,13 +14,14 @@ Configured only through the standard variables, read once at start-up (`Tracing.
 A configuration that cannot work (an exporter or sampler this server does not have, a ratio that is not one)
 is one `tracing_disabled` log line saying why, and the server serves untraced.
 
-What is traced: one SERVER span per RPC or REST request (`server_span`, the parent from W3C `traceparent`
-and `tracestate`); under it the time a request's rows queued for a batch (`queue_wait`) and the engine's steps
-of composite calls (`step`); one span per onnxruntime run, linked to every request whose rows it carried
-(`BatchSpans`: a batch is shared, so it is the child of none of them, and it is recorded when any of them is
-sampled); version loads and retirements (`lifecycle`, always recorded). When tracing is off every entry point
-costs an attribute read. A request's `x-request-id` (`REQUEST_ID`) and its span's ids go into the log lines
-of the request (`log_fields`) whether or not tracing is on.
+What is traced: which requests, `RequestSampler` decides from the caller's `traceparent` before any span
+exists, so an unsampled request costs a header lookup and gets no span. A sampled one gets a SERVER span
+(`start_server_span`, the parent from W3C `traceparent` and `tracestate`); under it the time its rows queued for
+a batch (`vae.queue_wait`) and the engine's steps of composite calls (`step`). Each onnxruntime run that carried
+a sampled request's rows is a span linked to each of them (`BatchSpans`: a batch is shared, so it is the child of
+none). Version loads and retirements are spans too (`lifecycle`, always recorded). When tracing is off every
+entry point costs an attribute read. A request's `x-request-id` (`REQUEST_ID`), and its span's ids when it has
+one, go into the log lines of the request (`log_fields`) whether or not tracing is on.
 """
 
 from __future__ import annotations
