@@ -198,23 +198,26 @@ def window(
     codes: Counter[str],
     measured: Measured,
 ) -> Window:
+    return Window(
+        key=load, round=round_, rows=rows, concurrency=concurrency, **figures(elapsed, latencies, codes, measured)
+    )
+
+
+def figures(elapsed: float, latencies: list[float], codes: Counter[str], measured: Measured) -> dict[str, Any]:
+    """A measured window's figures: requests, errors by code, requests/s, p50/p99, server CPU and rows per run."""
     ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
     done = len(latencies)
-    return Window(
-        key=load,
-        round=round_,
-        rows=rows,
-        concurrency=concurrency,
-        seconds=round(elapsed, 3),
-        requests=done,
-        errors={code: count for code, count in sorted(codes.items()) if code != "OK"},
-        requests_per_s=round(codes.get("OK", 0) / elapsed, 1),
-        p50_ms=round(float(np.percentile(ms, 50)), 3),
-        p99_ms=round(float(np.percentile(ms, 99)), 3),
-        server_cpu_s=measured.cpu_s,
-        server_cpu_us_per_request=round(1e6 * measured.cpu_s / max(done, 1), 1),
-        rows_per_run=measured.rows_per_run,
-    )
+    return {
+        "seconds": round(elapsed, 3),
+        "requests": done,
+        "errors": {code: count for code, count in sorted(codes.items()) if code != "OK"},
+        "requests_per_s": round(codes.get("OK", 0) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "server_cpu_s": measured.cpu_s,
+        "server_cpu_us_per_request": round(1e6 * measured.cpu_s / max(done, 1), 1),
+        "rows_per_run": measured.rows_per_run,
+    }
 
 
 async def closed_loop(

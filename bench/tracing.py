@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from bench.loadgen import build_request, pin_to_cpus
 from bench.oip import (
@@ -63,6 +62,7 @@ from bench.oip import (
     Measured,
     closed_loop,
     cpu_model,
+    figures,
     model_info,
     server_code,
 )
@@ -245,22 +245,13 @@ async def run_load(
 
         elapsed, latencies, codes = await closed_loop(call, callers, warmup_s, seconds, measured)
     done = len(latencies)
-    ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
     return Window(
         mode=mode,
         load=f"{callers}x{rows}",
         round=round_,
         rows=rows,
         concurrency=callers,
-        seconds=round(elapsed, 3),
-        requests=done,
-        errors={code: count for code, count in sorted(codes.items()) if code != "OK"},
-        requests_per_s=round(codes.get("OK", 0) / elapsed, 1),
-        p50_ms=round(float(np.percentile(ms, 50)), 3),
-        p99_ms=round(float(np.percentile(ms, 99)), 3),
-        server_cpu_s=measured.cpu_s,
-        server_cpu_us_per_request=round(1e6 * measured.cpu_s / max(done, 1), 1),
-        rows_per_run=measured.rows_per_run,
+        **figures(elapsed, latencies, codes, measured),
         load_cpu_us_per_request=round(1e6 * (measured.own[1] - measured.own[0]) / max(done, 1), 1),
     )
 
