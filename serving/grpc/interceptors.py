@@ -250,6 +250,8 @@ class _Call:
             if interceptor.tracing.enabled:
                 service, name = method[1:].rsplit("/", 1)
                 attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+                if (request_id := REQUEST_ID.get()) is not None:
+                    attributes["vae.request_id"] = request_id
                 self.span = interceptor.tracing.start_server_span(method[1:], traceparent, tracestate, attributes)
 
     def _read_metadata(self) -> tuple[str | None, str | None]:

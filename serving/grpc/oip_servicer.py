@@ -164,7 +164,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         """One stream message's reply: admitted as a call of its own (a call slot and its bytes), counted as
         one request in the metrics, and traced as a child of the stream's span (when that is recorded)."""
         started = time.perf_counter()
-        attributes = {"vae.model": request.model_name, "vae.request_id": request.id}
+        attributes = {"vae.model": request.model_name, "vae.message_id": request.id}
         with self.record.tracing.step("vae.stream_message", **attributes):
             try:
                 with self.admission.calls.hold(), self.admission.request_bytes.hold(request.ByteSize()):

@@ -186,6 +186,8 @@ class RestApi:
                 "http.route": route.canonical if route is not None else request.path,
                 "url.path": request.path,
             }
+            if (request_id := REQUEST_ID.get()) is not None:
+                attributes["vae.request_id"] = request_id
             name = f"{request.method} {attributes['http.route']}"
             headers = request.headers
             span = self.tracing.start_server_span(

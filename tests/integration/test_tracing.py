@@ -167,7 +167,7 @@ def test_rest_requests_continue_the_caller_s_trace_from_its_headers(model_dir: P
         request = urllib.request.Request(
             f"{server.http_url}/v2/models/vae-mnist-decoder/infer",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "traceparent": traceparent},
+            headers={"Content-Type": "application/json", "traceparent": traceparent, "X-Request-Id": "rest-1"},
         )
         with urllib.request.urlopen(request, timeout=30) as reply:
             assert reply.status == 200
@@ -178,6 +178,7 @@ def test_rest_requests_continue_the_caller_s_trace_from_its_headers(model_dir: P
     (infer,) = [span for span in spans if span.trace_id == trace_id and span.kind == "SPAN_KIND_SERVER"]
     assert infer.parent_span_id == span_id and infer.name == "POST /v2/models/{model}/infer"
     assert infer.attributes["http.response.status_code"] == 200 and infer.attributes["vae.model.version"] == 1
+    assert infer.attributes["vae.request_id"] == "rest-1"
     assert infer.status == "STATUS_CODE_UNSET"
     (refused,) = [span for span in spans if span.kind == "SPAN_KIND_SERVER" and span.trace_id != trace_id]
     assert refused.attributes["http.response.status_code"] == 404 and refused.status == "STATUS_CODE_UNSET"
@@ -216,6 +217,7 @@ def test_the_log_lines_of_a_traced_call_carry_its_trace_and_the_caller_s_request
     assert {record["method"] for record in (traced, long, named, plain)} == {"Decode"}
     (span,) = [span for span in by_name(spans, DECODE) if span.trace_id == trace_id]
     assert (traced["trace_id"], traced["span_id"], traced["request_id"]) == (trace_id, span.span_id, "order-17")
+    assert span.attributes["vae.request_id"] == "order-17"  # the span names it too
     assert long["request_id"] == long_id[:128]  # the server keeps 128 characters of it
     assert named["request_id"] == "order-18"  # the client's
     assert "request_id" not in plain  # the last call sent none: nothing left over from the one before
@@ -270,6 +272,6 @@ def test_each_stream_message_is_a_span_under_the_stream_s_and_its_batch_links_it
     assert (call.trace_id, call.parent_span_id) == (trace_id, span_id)
     stream_messages = by_name(spans, "vae.stream_message")
     assert {message.parent_span_id for message in stream_messages} == {call.span_id}
-    assert sorted(message.attributes["vae.request_id"] for message in stream_messages) == ["m0", "m1", "m2"]
+    assert sorted(message.attributes["vae.message_id"] for message in stream_messages) == ["m0", "m1", "m2"]
     linked = sorted(link for batch in by_name(spans, "vae.batch decoder") for link in batch.links)
     assert linked == sorted((trace_id, message.span_id) for message in stream_messages)
