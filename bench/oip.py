@@ -573,6 +573,34 @@ def server_code() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": [line[3:] for line in changed]}
 
 
+def machine(load_average_at_start: list[float]) -> dict[str, Any]:
+    """The machine a run measured: cores, CPU model, the server's and the load's CPUs, the load average before
+    the run (`load_average_now()` then) and now."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "server_cpus": SERVER_CPUS,
+        "load_cpus": LOAD_CPUS,
+        "load_average_at_start": load_average_at_start,
+        "load_average_at_end": load_average_now(),
+    }
+
+
+def load_average_now() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def warnings_logged(server: ServerProcess) -> dict[str, int]:
+    """What the server logged above info level (its plaintext warning aside): what the run's requests provoked."""
+    return dict(
+        Counter(
+            f"{event.get('level')}: {event.get('event')}"
+            for event in server.events()
+            if event.get("level") not in ("debug", "info") and event.get("event") != "grpc_plaintext"
+        )
+    )
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -600,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         version = (shown.stdout + shown.stderr).strip()
     started = time.perf_counter()
     code = server_code()
-    load_average_at_start = [round(x, 2) for x in os.getloadavg()]
+    load_average_at_start = load_average_now()
     pin_to_cpus(LOAD_CPUS)
     model = f"{args.model_dir.name}-decoder"
     windows: list[Window] = []
@@ -627,25 +655,13 @@ def main(argv: list[str] | None = None) -> int:
                 windows.append(measured)
                 print(json.dumps(asdict(measured)), flush=True)
         rss = server.rss_bytes()
-    # What the server logged above info level (its plaintext warning aside): what a client's requests provoked.
-    logged = Counter(
-        f"{event.get('level')}: {event.get('event')}"
-        for event in server.events()
-        if event.get("level") not in ("debug", "info") and event.get("event") != "grpc_plaintext"
-    )
+    logged = warnings_logged(server)
     table = medians(windows)
     figures = summary(windows)
     run_seconds = round(time.perf_counter() - started, 1)
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "nproc": os.cpu_count(),
-            "cpu_model": cpu_model(),
-            "server_cpus": SERVER_CPUS,
-            "load_cpus": LOAD_CPUS,
-            "load_average_at_start": load_average_at_start,
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_average_at_start),
         "settings": {
             "model": model,
             "model_version": info.version,
@@ -663,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         "medians": table,
         "summary": figures,
         "server_rss_bytes_at_end": rss,
-        "server_log_warnings_and_errors": dict(logged),
+        "server_log_warnings_and_errors": logged,
         "failures": failures,
         "windows": [asdict(w) for w in windows],
     }

@@ -61,10 +61,12 @@ from bench.oip import (
     TIMEOUT_S,
     Measured,
     closed_loop,
-    cpu_model,
     figures,
+    load_average_now,
+    machine,
     model_info,
     server_code,
+    warnings_logged,
 )
 from bench.otlp_receiver import OtlpReceiver, ReceivedSpan
 from bench.server_process import ServerProcess
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: fewer than 2 CPUs available; server and load share one", file=sys.stderr)
     started = time.perf_counter()
     code = server_code()
-    load_average_at_start = [round(x, 2) for x in os.getloadavg()]
+    load_average_at_start = load_average_now()
     pin_to_cpus(LOAD_CPUS)  # before the receivers' threads start: they inherit it
     model_dir = str(args.model_dir.resolve())
     flags = [f"--model-dir={model_dir}", *SERVER_FLAGS]
@@ -451,29 +453,13 @@ def main(argv: list[str] | None = None) -> int:
         rss = {mode: server.rss_bytes() for mode, server in servers.items()}
         exit_codes = {mode: server.stop() for mode, server in servers.items()}  # the sampled ones flush their spans
         spans = {mode: spans_figures(receivers[mode], scraped[mode]) for mode in SAMPLERS}
-    logged = {
-        mode: dict(
-            Counter(
-                f"{event.get('level')}: {event.get('event')}"
-                for event in server.events()
-                if event.get("level") not in ("debug", "info") and event.get("event") != "grpc_plaintext"
-            )
-        )
-        for mode, server in servers.items()
-    }
+    logged = {mode: warnings_logged(server) for mode, server in servers.items()}
     table = medians(windows)
     figures = summary(windows, table)
     run_seconds = round(time.perf_counter() - started, 1)
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "nproc": os.cpu_count(),
-            "cpu_model": cpu_model(),
-            "server_cpus": SERVER_CPUS,
-            "load_cpus": LOAD_CPUS,
-            "load_average_at_start": load_average_at_start,
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_average_at_start),
         "settings": {
             "model": args.model_dir.name,
             "model_version": info.version,
