@@ -364,10 +364,11 @@ class Batcher:
             inference_seconds if estimate is None else estimate + _RUN_SECONDS_WEIGHT * (inference_seconds - estimate)
         )
         waits = [started_at - item.enqueued_at for item in batch]
-        traced = () if self._spans is None else [item.traced for item in batch]
-        if any(traced):  # rows of a sampled request: the run's span, the waits' exemplars
+        spans = self._spans
+        traced = [item.traced for item in batch] if spans is not None else []
+        if spans is not None and any(traced):  # rows of a sampled request: the run's span, the waits' exemplars
             self._observer.batch_ran(self.graph, len(inputs), waits, inference_seconds, traced)
-            self._spans.ran(traced, len(inputs), started_ns, time.time_ns())  # type: ignore[union-attr]
+            spans.ran(traced, len(inputs), started_ns, time.time_ns())
         else:
             self._observer.batch_ran(self.graph, len(inputs), waits, inference_seconds)
         offset = 0
