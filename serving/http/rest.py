@@ -177,7 +177,8 @@ class RestApi:
         drain = self.admission.drain
         version, items, accepted = "", None, False
         # Requests on one keep-alive connection may share a task: the request id is this request's alone.
-        named = REQUEST_ID.set(request_id_of(request.headers.get(REQUEST_ID_HEADER)))
+        request_id = request_id_of(request.headers.get(REQUEST_ID_HEADER))
+        named = REQUEST_ID.set(request_id)
         span = None
         if self.tracing.enabled:
             route = request.match_info.route.resource
@@ -186,7 +187,7 @@ class RestApi:
                 "http.route": route.canonical if route is not None else request.path,
                 "url.path": request.path,
             }
-            if (request_id := REQUEST_ID.get()) is not None:
+            if request_id is not None:
                 attributes["vae.request_id"] = request_id
             name = f"{request.method} {attributes['http.route']}"
             headers = request.headers
