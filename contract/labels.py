@@ -1,6 +1,13 @@
-"""labels.json: names (`stable`, `canary`, ...) that point at versions of a model directory.
+"""labels.json: names (`stable`, `canary`, ...) that point at versions of a model directory, and the share of
+the default route's requests the canary takes.
 
     models/vae-mnist/labels.json     {"canary": 4, "stable": 3}
+                                     {"labels": {"canary": 4, "stable": 3}, "canary_weight": 0.05}
+
+The first form (labels only) is what every release reads and what `write_labels` writes when no canary weight
+is set, so a server of an older release keeps reading the file until someone sets one; the second adds
+`canary_weight` (0 .. 1), which overrides the server's `--canary-weight` while the file says it. Both are
+read (`read_routes`).
 
 Written atomically (`write_labels`), so a server polling the directory reads the old file or the new one.
 A label is lower-case letters, digits, '-' and '_', starting with a letter (so never a number); a version is
@@ -12,6 +19,7 @@ the file, so both stay small.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +35,24 @@ MAX_LABELS_BYTES = 64 * 1024  # 32 labels of 63 characters take ~2.5 KB
 LABEL_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _Version = Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
 _Labels = dict[str, _Version]
+_Weight = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 _EXAMPLE = '{"stable": 3}'
+_ROUTES_KEY = "labels"  # the second form's key; a label of the first form names a number, never an object
+
+
+class _RoutesFile(msgspec.Struct, forbid_unknown_fields=True):
+    """labels.json's second form."""
+
+    labels: _Labels
+    canary_weight: _Weight | None = None
+
+
+@dataclass(frozen=True)
+class Routes:
+    """What labels.json says: its labels, and the canary's share of the default route (None: the server's)."""
+
+    labels: dict[str, int] = field(default_factory=dict)
+    canary_weight: float | None = None
 
 
 def check_label(label: str) -> str:
@@ -40,16 +65,26 @@ def check_label(label: str) -> str:
 
 
 def read_labels(model_dir: Path) -> dict[str, int]:
-    """labels.json of `model_dir` ({} when there is none); ModelRepositoryError naming the file when malformed."""
+    """The labels of `model_dir`'s labels.json ({} when there is none); ModelRepositoryError when malformed."""
+    return read_routes(model_dir).labels
+
+
+def read_routes(model_dir: Path) -> Routes:
+    """labels.json of `model_dir`, either form (empty Routes when there is none); ModelRepositoryError naming the
+    file and what is wrong when it is malformed."""
     path = Path(model_dir) / LABELS_FILE
     try:
         data = read_bounded(path, MAX_LABELS_BYTES, "labels file")
     except FileNotFoundError:
-        return {}
+        return Routes()
     except OSError as exc:
         raise ModelRepositoryError(f"{path}: cannot read labels: {exc.strerror or exc}") from None
     try:
-        labels = msgspec.json.decode(data, type=_Labels)
+        if _is_second_form(data):
+            routes = msgspec.json.decode(data, type=_RoutesFile)
+            labels, weight = routes.labels, routes.canary_weight
+        else:
+            labels, weight = msgspec.json.decode(data, type=_Labels), None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ModelRepositoryError(f"{path}: {_what_is_wrong(data, exc)}") from None
     if len(labels) > MAX_LABELS:
@@ -59,7 +94,16 @@ def read_labels(model_dir: Path) -> dict[str, int]:
             check_label(label)
         except ValueError as exc:
             raise ModelRepositoryError(f"{path}: {exc}") from None
-    return labels
+    return Routes(labels, weight)
+
+
+def _is_second_form(data: bytes) -> bool:
+    """Whether labels.json is the second form: an object whose "labels" is an object (in the first, a number)."""
+    try:
+        raw = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError):
+        return False  # malformed either way: the first form's decoder says what is wrong
+    return bytes(raw.get(_ROUTES_KEY, b"")).lstrip().startswith(b"{")
 
 
 def _what_is_wrong(data: bytes, error: Exception) -> str:
@@ -71,6 +115,18 @@ def _what_is_wrong(data: bytes, error: Exception) -> str:
         raw = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
     except (msgspec.DecodeError, RecursionError):
         return f"{expected}: {str(error).replace('`', '')}"
+    if _ROUTES_KEY in raw and bytes(raw[_ROUTES_KEY]).lstrip().startswith(b"{"):
+        second = f'{{"labels": {_EXAMPLE}, "canary_weight": 0.05}} (canary_weight from 0 to 1, or absent)'
+        if "canary_weight" in raw:
+            try:
+                msgspec.json.decode(raw["canary_weight"], type=_Weight | None)
+            except msgspec.DecodeError:
+                shown = bytes(raw["canary_weight"]).decode()[:40]
+                return f"canary_weight must be a number from 0 to 1, got {shown}"
+        unknown = sorted(set(raw) - {_ROUTES_KEY, "canary_weight"})
+        if unknown:
+            return f"unknown field {unknown[0]!r}: the file is {second}"
+        raw = msgspec.json.decode(raw[_ROUTES_KEY], type=dict[str, msgspec.Raw])
     for label, value in raw.items():
         try:
             msgspec.json.decode(value, type=_Version)
@@ -79,11 +135,17 @@ def _what_is_wrong(data: bytes, error: Exception) -> str:
     return f"{expected}: {str(error).replace('`', '')}"
 
 
-def write_labels(model_dir: Path, labels: dict[str, int]) -> None:
-    """Replace labels.json atomically: readers see the old file or the new one, never a partial one.
+def write_labels(model_dir: Path, labels: dict[str, int], canary_weight: float | None = None) -> None:
+    """Replace labels.json atomically: readers see the old file or the new one, never a partial one. The first
+    form when `canary_weight` is None (what older servers read), else the second.
 
-    ValueError, writing nothing, for more than MAX_LABELS labels (a reader would refuse the file)."""
+    ValueError, writing nothing, for more than MAX_LABELS labels or a weight outside 0 .. 1 (a reader would
+    refuse the file)."""
     if len(labels) > MAX_LABELS:
         raise ValueError(f"{len(labels)} labels, more than the {MAX_LABELS} a model may have: remove some first")
+    if canary_weight is not None and not 0.0 <= canary_weight <= 1.0:
+        raise ValueError(f"canary weight {canary_weight} is not allowed: a share of requests, from 0 to 1")
+    ordered = dict(sorted(labels.items()))
+    content = ordered if canary_weight is None else {_ROUTES_KEY: ordered, "canary_weight": canary_weight}
     with atomic_replace(Path(model_dir) / LABELS_FILE) as temporary:
-        temporary.write_bytes(msgspec.json.format(msgspec.json.encode(dict(sorted(labels.items()))), indent=2) + b"\n")
+        temporary.write_bytes(msgspec.json.format(msgspec.json.encode(content), indent=2) + b"\n")

@@ -23,7 +23,7 @@ import prometheus_client as prom
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from contract.scores import BASELINE_QUANTILES, quantile_key
+from contract.scores import BASELINE_QUANTILES, ImageScores, quantile_key
 from serving.tracing import Traced, exemplar
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ _SCORE_BUCKETS = tuple(round(25 * 2 ** (i / 2), 1) for i in range(15))
 # Posterior-mean norms: ~sqrt(latent_dim) for inputs like the training data. 0.5 .. 16 in steps of √2.
 _NORM_BUCKETS = tuple(round(0.5 * 2 ** (i / 2), 2) for i in range(11))
 _BASELINE_KEYS = tuple(map(quantile_key, BASELINE_QUANTILES))  # as the manifest's score_quantiles name them
+# Paired differences (candidate − stable, nats) on both sides of 0; 1 nat is the promote margin and the alert's.
+_DIFFERENCE_BUCKETS = (-50.0, -20.0, -10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+SHADOW_RESULTS = ("scored", "dropped", "abandoned")
+ROLES = ("stable", "candidate")
 
 
 class Metrics:
@@ -117,8 +121,63 @@ class Metrics:
         self.default_version = prom.Gauge(
             "vae_model_default_version", "the version requests naming none are served by", registry=r
         )
+        self.canary_weight = prom.Gauge(
+            "vae_canary_weight",
+            "share of the requests naming no version routed to the canary label's version (0 while there is none)",
+            registry=r,
+        )
+        self.canary_version = prom.Gauge(
+            "vae_canary_version", "the version the canary share goes to (0: none)", registry=r
+        )
+        by_role = ["version", "role"]  # role: stable or candidate, in the pair shadow scoring compares
+        self.shadow_jobs = prom.Counter(
+            "vae_shadow_jobs",
+            "requests of the stable version offered for shadow scoring on the candidate, by result: scored, dropped "
+            "(the shadow queue was full) or abandoned (a version went, or the run gave way)",
+            ["result"],
+            registry=r,
+        )
+        self.shadow_negative_elbo = prom.Histogram(
+            "vae_shadow_negative_elbo_nats",
+            "negative ELBO of each shadow-scored input on each version of the pair (the same inputs on both)",
+            by_role,
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_reconstruction = prom.Histogram(
+            "vae_shadow_reconstruction_nats",
+            "reconstruction error (-log p(x|z), nats, the negative ELBO's first term) of each shadow-scored input on "
+            "each version of the pair",
+            by_role,
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_latent_norm = prom.Histogram(
+            "vae_shadow_latent_norm",
+            "posterior-mean norm of each shadow-scored input on each version of the pair",
+            by_role,
+            buckets=_NORM_BUCKETS,
+            registry=r,
+        )
+        self.shadow_difference = prom.Histogram(
+            "vae_shadow_difference_nats",
+            "candidate minus stable negative ELBO of each shadow-scored input (positive: the candidate is worse)",
+            ["candidate", "stable"],
+            buckets=_DIFFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_seconds = prom.Histogram(
+            "vae_shadow_seconds",
+            "time of each shadow scoring run, per version of the pair (stable's only where the reply had no scores)",
+            by_role,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         for result in LOAD_RESULTS:
             self.model_loads.labels(result)
+        for result in SHADOW_RESULTS:
+            self.shadow_jobs.labels(result)
+        self._shadow_pairs: set[tuple[str, str]] = set()  # (candidate, stable) of vae_shadow_difference_nats
         # The labelled children, looked up once: `labels()` costs microseconds, on every request and batch.
         self._requests: dict[tuple[str, str, str, str], Any] = {}  # (method, version, protocol, code)
         self._durations: dict[tuple[str, str, str], Any] = {}  # (method, version, protocol)
@@ -199,6 +258,16 @@ class Metrics:
         for quantile in _BASELINE_KEYS:
             with contextlib.suppress(KeyError):  # a manifest without a baseline has none of these
                 self.score_baseline.remove(v, quantile)
+        for family in (self.shadow_negative_elbo, self.shadow_reconstruction, self.shadow_latent_norm):
+            for role in ROLES:
+                with contextlib.suppress(KeyError):  # only the versions shadow scoring compared have these
+                    family.remove(v, role)
+        for role in ROLES:
+            with contextlib.suppress(KeyError):
+                self.shadow_seconds.remove(v, role)
+        for pair in [pair for pair in self._shadow_pairs if v in pair]:
+            self.shadow_difference.remove(*pair)
+            self._shadow_pairs.discard(pair)
 
     def labels_changed(self, labels_by_version: dict[int, list[str]], default_version: int | None) -> None:
         for v, (name, _, provider, old) in list(self._info.items()):
@@ -208,6 +277,36 @@ class Metrics:
                 self._info[v] = (name, v, provider, new)
                 self.model_info.labels(name, v, provider, new).set(1)
         self.default_version.set(default_version or 0)
+
+    def canary_changed(self, version: int | None, weight: float) -> None:
+        self.canary_version.set(version or 0)
+        self.canary_weight.set(weight if version is not None else 0.0)
+
+    # ShadowObserver
+    def shadow_job(self, result: str) -> None:
+        self.shadow_jobs.labels(result).inc()
+
+    def shadow_scored(self, version: int, role: str, scores: ImageScores, seconds: float | None) -> None:
+        """One version's scores of a job's inputs, as `role` of the pair; `seconds`: its run (None: the reply's)."""
+        v = str(version)
+        for family, values in (
+            (self.shadow_negative_elbo, scores.negative_elbo),
+            (self.shadow_reconstruction, scores.reconstruction),
+            (self.shadow_latent_norm, scores.latent_norm),
+        ):
+            child = family.labels(v, role)
+            for value in values.tolist():
+                child.observe(value)
+        if seconds is not None:
+            self.shadow_seconds.labels(v, role).observe(seconds)
+
+    def shadow_paired(self, candidate: int, stable: int, differences: np.ndarray) -> None:
+        """The paired differences of one job's inputs: candidate − stable negative ELBO."""
+        key = (str(candidate), str(stable))
+        self._shadow_pairs.add(key)
+        child = self.shadow_difference.labels(*key)
+        for value in differences.tolist():
+            child.observe(value)
 
     def for_version(self, version: int) -> _VersionObserver:
         """The batchers' observer for one version (its series created now: zeros, not gaps)."""

@@ -11,6 +11,7 @@ from serving.client.results import (
     Scores,
     Traversal,
     VaeError,
+    VersionComparison,
     VersionStatus,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "Traversal",
     "VaeClient",
     "VaeError",
+    "VersionComparison",
     "VersionStatus",
     "channel_credentials",
 ]

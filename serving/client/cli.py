@@ -7,6 +7,7 @@ python -m serving.client --target localhost:50051 score a.png b.png --importance
 python -m serving.client --target localhost:50051 reconstruct a.png b.png -o reconstructions.png
 python -m serving.client --target localhost:50051 traverse a.png --steps 9 -o traversal.png
 python -m serving.client --target localhost:50051 info
+python -m serving.client --target localhost:50051 compare
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,12 +109,15 @@ def _info_command(client: VaeClient, args: argparse.Namespace) -> str:
     return json.dumps(summary, indent=2)
 
 
+def _compare_command(client: VaeClient, args: argparse.Namespace) -> str:
+    compared = client.compare_versions(args.model_version, args.label)
+    fields = {name: None if value != value else value for name, value in dataclasses.asdict(compared).items()}
+    return json.dumps(fields, indent=2)  # NaN (no pairs) as null: JSON has no NaN
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.client", description="Call a running VAE server.")
-    parser.add_argument(
-        "--target", default=os.environ.get("VAE_TARGET", DEFAULT_TARGET), help="server address [env VAE_TARGET]"
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    add_server_arguments(parser)
     parser.add_argument(
         "--request-id",
         metavar="ID",
@@ -121,14 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     choose = parser.add_mutually_exclusive_group()
     choose.add_argument("--model-version", type=int, metavar="N", help="ask for this version (default: the server's)")
     choose.add_argument("--label", metavar="NAME", help="ask for the version this label names, e.g. stable")
-    env = os.environ.get
-    tls = parser.add_argument_group("TLS (plaintext unless one of these is given)")
-    tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
-    tls.add_argument("--tls-ca", type=Path, default=env("VAE_TLS_CA"), help="PEM CA of the server [env VAE_TLS_CA]")
-    tls.add_argument(
-        "--tls-cert", type=Path, default=env("VAE_TLS_CLIENT_CERT"), help="client certificate [env VAE_TLS_CLIENT_CERT]"
-    )
-    tls.add_argument("--tls-key", type=Path, default=env("VAE_TLS_CLIENT_KEY"), help="its key [env VAE_TLS_CLIENT_KEY]")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample", help="draw images from the prior and save them as a PNG grid")
@@ -175,15 +172,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print the served model, its provider, health and manifest (JSON)")
     info.set_defaults(run=_info_command)
+
+    compare = commands.add_parser(
+        "compare", help="print the canary (or --model-version/--label) against stable on the same live inputs (JSON)"
+    )
+    compare.set_defaults(run=_compare_command)
     return parser
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target, --timeout and the TLS flags: where the server is and how to reach it (`connect`)."""
+    env = os.environ.get
+    parser.add_argument("--target", default=env("VAE_TARGET", DEFAULT_TARGET), help="server address [env VAE_TARGET]")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    tls = parser.add_argument_group("TLS (plaintext unless one of these is given)")
+    tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
+    tls.add_argument("--tls-ca", type=Path, default=env("VAE_TLS_CA"), help="PEM CA of the server [env VAE_TLS_CA]")
+    tls.add_argument(
+        "--tls-cert", type=Path, default=env("VAE_TLS_CLIENT_CERT"), help="client certificate [env VAE_TLS_CLIENT_CERT]"
+    )
+    tls.add_argument("--tls-key", type=Path, default=env("VAE_TLS_CLIENT_KEY"), help="its key [env VAE_TLS_CLIENT_KEY]")
+
+
+def connect(args: argparse.Namespace, **version: Any) -> VaeClient:
+    """A client of the server `add_server_arguments`' flags name; ValueError for --tls-cert without --tls-key."""
+    tls_files = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    return VaeClient(args.target, timeout_s=args.timeout, tls=args.tls, **tls_files, **version)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        tls_files = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
-        version = {"model_version": args.model_version, "label": args.label}
-        with VaeClient(args.target, timeout_s=args.timeout, tls=args.tls, **tls_files, **version) as client:
+        with connect(args, model_version=args.model_version, label=args.label) as client:
             print(args.run(client if args.request_id is None else client.with_request_id(args.request_id), args))
     except VaeError as exc:
         print(f"error: {args.target}: {exc}", file=sys.stderr)

@@ -52,6 +52,7 @@ from serving.client.results import (
     Scores,
     Traversal,
     VaeError,
+    VersionComparison,
     VersionStatus,
     answered,
     array_of,
@@ -385,6 +386,19 @@ class VaeClient:
         return ModelInfo(
             reply.name, reply.version, reply.latent_dim, tuple(reply.image_shape), reply.provider, manifest, versions
         )
+
+    def compare_versions(
+        self, candidate: int | None = None, label: str | None = None, timeout_s: float | None = None
+    ) -> VersionComparison:
+        """The server's evidence on a candidate (a version number or label; neither: the canary's version)
+        against the stable version, from shadow scoring on the same live inputs."""
+        request = pb.CompareVersionsRequest(candidate=_version_spec(candidate, label))
+        reply = self._call(self._stub.CompareVersions, request, timeout_s)
+        if candidate is not None and reply.candidate != candidate:
+            raise malformed(f"it compares version {reply.candidate}; the request asked about {candidate}")
+        if reply.paired_inputs and not 0.0 <= reply.share_worse <= 1.0:
+            raise malformed(f"share_worse is {reply.share_worse:g}, not a share (0 .. 1)")
+        return VersionComparison.from_proto(reply)
 
     def health(self, service: str = "", timeout_s: float | None = None) -> str:
         """The server's health status for `service` ("" is the whole server): "SERVING", "NOT_SERVING", ..."""

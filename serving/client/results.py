@@ -137,6 +137,32 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class VersionComparison:
+    """A candidate version against stable on the same live inputs (CompareVersions; vae.proto says each field).
+
+    `median_difference` and its interval are candidate − stable negative ELBO in nats: positive, worse."""
+
+    candidate: int
+    stable: int
+    paired_inputs: int
+    median_difference: float
+    median_difference_low: float
+    median_difference_high: float
+    confidence: float
+    share_worse: float
+    stable_median_negative_elbo: float
+    candidate_median_negative_elbo: float
+    dropped: int
+    abandoned: int
+    shadow_fraction: float
+    note: str
+
+    @classmethod
+    def from_proto(cls, reply: Any) -> VersionComparison:
+        return cls(**{name: getattr(reply, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class VersionStatus:
     """A version on the server: AVAILABLE (takes requests), UNLOADING (finishing them) or FAILED (never served)."""
 

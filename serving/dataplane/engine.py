@@ -84,6 +84,21 @@ class TelemetrySettings:
         check_settings(self)
 
 
+class InputsAnswered(Protocol):
+    """Told of the images of each Encode, Score and Reconstruct an engine answered (shadow scoring, in the
+    version lifecycle): their checked array, the importance samples and seed their scores were drawn with, and
+    those scores where the request computed them (None for Encode). Called on the event loop; must not block."""
+
+    def __call__(
+        self,
+        version: int,
+        images: np.ndarray,
+        importance_samples: int,
+        seed: int | None,
+        result: scores.ImageScores | None,
+    ) -> None: ...
+
+
 class EngineObserver(BatchObserver, Protocol):
     """The batchers' observer, and what the engine measures of the inputs it encodes."""
 
@@ -128,10 +143,11 @@ class VaeEngine:
         telemetry: TelemetrySettings | None = None,
         stream_slots: Slots | None = None,
         tracing: Tracing = OFF,
+        inputs_answered: InputsAnswered | None = None,
     ) -> None:
         """`stream_slots` counts SampleStream calls over the whole server (the manager shares one among its
         engines); without it the engine counts its own. `tracing`: where its batches and the steps of its
-        composite calls are traced."""
+        composite calls are traced. `inputs_answered`: told of the inputs of the requests it answered."""
         self.version = sessions.version
         self.provider = sessions.provider
         self.latent_dim = sessions.version.latent_dim
@@ -142,6 +158,7 @@ class VaeEngine:
         self.observer = observer
         self.telemetry = telemetry or TelemetrySettings()
         self.tracing = tracing
+        self.inputs_answered = inputs_answered
         number = sessions.version.number
         self.encoder = Batcher(
             "encoder", sessions.encoder.run, policy, executor, observer, tracing.batches("encoder", number)
@@ -168,6 +185,8 @@ class VaeEngine:
         """[N,1,28,28] float32 in [0,1] or uint8 → (mu, log_var), each [N, D]."""
         images = check_images(images, self.image_shape, self.limits.max_items_per_request)
         mu, log_var = await self.encoder.run(images, deadline)
+        if self.inputs_answered is not None:
+            self.inputs_answered(self.version.number, images, 0, None, None)
         if self.observer is not None:
             self.observer.inputs_encoded(np.linalg.norm(mu, axis=1))
             fraction = self.telemetry.encode_score_fraction
@@ -198,6 +217,18 @@ class VaeEngine:
         images = check_images(images, self.image_shape, limit)
         k = check_importance_samples(importance_samples, images.shape[0], self.limits.max_importance_samples, limit)
         scored = await self._posterior_pass(images, max(k, 1), seed, deadline, with_iwae=k > 0)
+        if self.inputs_answered is not None:
+            self.inputs_answered(self.version.number, images, k, seed, scored.result)
+        return scored.result
+
+    async def score_again(
+        self, images: np.ndarray, importance_samples: int, seed: int | None, deadline: float | None = None
+    ) -> scores.ImageScores:
+        """`score`'s numbers for images a request has already brought (shadow scoring): checked images, and
+        neither counted in the input histograms nor told to `inputs_answered` again."""
+        scored = await self._posterior_pass(
+            images, max(importance_samples, 1), seed, deadline, with_iwae=importance_samples > 0, observed=False
+        )
         return scored.result
 
     async def reconstruct(
@@ -216,12 +247,20 @@ class VaeEngine:
         """
         images = check_images(images, self.image_shape, self.limits.max_items_per_request)
         scored = await self._posterior_pass(images, 1, seed, deadline, with_iwae=False)
+        if self.inputs_answered is not None:
+            self.inputs_answered(self.version.number, images, 0, seed, scored.result)
         if sample_posterior:
             return to_output_dtype(scored.at_draws[0], output_dtype), scored.draws[0], scored.result
         return to_output_dtype(scored.at_mean, output_dtype), scored.mu, scored.result
 
     async def _posterior_pass(
-        self, images: np.ndarray, draws: int, seed: int | None, deadline: float | None, with_iwae: bool
+        self,
+        images: np.ndarray,
+        draws: int,
+        seed: int | None,
+        deadline: float | None,
+        with_iwae: bool,
+        observed: bool = True,
     ) -> _PosteriorPass:
         """Encode checked images, decode their means and `draws` seeded posterior draws each, and score them.
 
@@ -238,7 +277,7 @@ class VaeEngine:
         at_mean, at_draws = decoded[:count], decoded[count:].reshape(draws, count, *self.image_shape)
         with step("vae.score", **{"vae.rows": count, "vae.iwae": with_iwae}):
             result = await _off_loop(scores.score, images, mu, log_var, eps, at_draws, at_mean, with_iwae)
-        if self.observer is not None:
+        if observed and self.observer is not None:
             self.observer.inputs_encoded(result.latent_norm)
             self.observer.inputs_scored(result.plugin_negative_elbo)
         return _PosteriorPass(result, mu, z, at_mean, at_draws)

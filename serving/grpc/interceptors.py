@@ -60,13 +60,17 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         reply_items: Mapping[str, ItemCount],
         admission: Admission,
         counted_by_message: Collection[str] = (),
+        routes_by_request_id: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`routes_by_request_id()`: whether the version a call gets depends on its x-request-id now (a canary
+        weight is in force), so that its metadata must be read even with tracing and request logs off."""
         self.service_prefixes = tuple(f"/{service}/" for service in services)
         self.record = record
         self.metrics = record.metrics
         self.tracing = record.tracing
         # Whether a call's metadata is read when it starts: for its span and its x-request-id in the log lines.
         self.reads_metadata = record.tracing.enabled or record.log_requests
+        self.routes_by_request_id = routes_by_request_id
         self.reply_items = reply_items
         self.admission = admission
         # Streams whose handler counts and logs each request message (ModelStreamInfer): the stream itself is
@@ -245,7 +249,7 @@ class _Call:
         self.accepted = False
         self.span: ServerSpan | None = None
         interceptor.metrics.inflight.inc()
-        if interceptor.reads_metadata:
+        if interceptor.reads_metadata or interceptor.routes_by_request_id():
             traceparent, tracestate = self._read_metadata()
             if interceptor.tracing.enabled:
                 service, name = method[1:].rsplit("/", 1)

@@ -43,6 +43,8 @@ REPLY_ITEMS: dict[str, Callable[[Any], int]] = {
 class _VersionedRequest(Protocol):
     model_version: pb.ModelVersionSpec
 
+    def HasField(self, field_name: str) -> bool: ...
+
 
 class VaeServicer(pb_grpc.VaeServiceServicer):
     def __init__(self, models: ModelManager) -> None:
@@ -50,8 +52,10 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
 
     @contextlib.asynccontextmanager
     async def _lease(self, request: _VersionedRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[VaeEngine]:
-        """The engine of the version the request names (or the default route's), for the whole call."""
-        async with self.models.lease(*version_choice(request.model_version)) as engine:
+        """The engine of the version the request names (or the default route's, the canary's share by the caller's
+        x-request-id or else the request's seed), for the whole call."""
+        seed = getattr(request, "seed", None) if _has_seed(request) else None
+        async with self.models.lease(*version_choice(request.model_version), seed=seed) as engine:
             context.set_trailing_metadata(((VERSION_METADATA, str(engine.version.number)),))
             yield engine
 
@@ -157,8 +161,9 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         return response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        async with self._lease(request, context) as engine:
-            version = engine.version
+        engine = self.models.engine(*version_choice(request.model_version))  # the default route's, never the canary
+        context.set_trailing_metadata(((VERSION_METADATA, str(engine.version.number)),))
+        version = engine.version
         versions = [
             pb.VersionStatus(
                 version=row.version,
@@ -178,6 +183,36 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             manifest_json=version.manifest_json,
             versions=versions,
         )
+
+    async def CompareVersions(
+        self, request: pb.CompareVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VersionComparison:
+        compared = self.models.comparison(*version_choice(request.candidate))
+        context.set_trailing_metadata(((VERSION_METADATA, str(compared.candidate)),))
+        return pb.VersionComparison(
+            candidate=compared.candidate,
+            stable=compared.stable,
+            paired_inputs=compared.paired_inputs,
+            median_difference=compared.median_difference,
+            median_difference_low=compared.median_low,
+            median_difference_high=compared.median_high,
+            confidence=compared.confidence,
+            share_worse=compared.share_worse,
+            stable_median_negative_elbo=compared.stable_median,
+            candidate_median_negative_elbo=compared.candidate_median,
+            dropped=compared.dropped,
+            abandoned=compared.abandoned,
+            shadow_fraction=compared.fraction,
+            note=compared.note,
+        )
+
+
+def _has_seed(request: _VersionedRequest) -> bool:
+    """Whether the request has a seed field and sets it (Sample, SampleStream, Score, Reconstruct)."""
+    try:
+        return request.HasField("seed")
+    except ValueError:  # a message without the field
+        return False
 
 
 def _sample_arguments(request: pb.SampleRequest) -> tuple[int, int | None, float | None, OutputDType]:

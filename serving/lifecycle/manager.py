@@ -14,7 +14,11 @@ the log keeps the full path. The server never retires its last version: with not
 what it has.
 
 Requests `lease` a version for their whole duration (a stream for all its chunks), by number, by label, or
-by the default route.
+by the default route. A share of the default route (the canary weight: labels.json's `canary_weight`, else
+`--canary-weight`) goes to the `canary` label's version: by the caller's key where it sends one (its
+x-request-id, else the request's seed), so that a caller keeps its version; at random otherwise. A request that
+names a version or a label is never re-routed. While a canary label names a version other than stable's, the
+stable version's inputs are shadow-scored on it (`serving.lifecycle.shadow`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import contextvars
 import enum
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from contract.labels import check_label, read_labels
+from contract.labels import Routes, check_label, read_routes
 from contract.repository import (
     ModelRepositoryError,
     ModelVersion,
@@ -52,8 +57,16 @@ from serving.dataplane.runtime import (
     release_freed_memory,
 )
 from serving.errors import NotFound
-from serving.lifecycle.policy import LATEST, VersionPolicy, resolve_default
-from serving.tracing import OFF, Span, Tracing
+from serving.lifecycle.policy import (
+    CANARY_LABEL,
+    LATEST,
+    STABLE_LABEL,
+    VersionPolicy,
+    canary_bucket,
+    resolve_default,
+)
+from serving.lifecycle.shadow import Comparison, Pair, ShadowObserver, ShadowScoring, ShadowSettings
+from serving.tracing import OFF, REQUEST_ID, Span, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +91,13 @@ class RepositorySettings:
     poll_seconds: float = setting(
         5.0, "look for new, removed and relabelled versions this often (0: never; SIGHUP looks at once)", minimum=0
     )
+    canary_weight: float = setting(
+        0.0,
+        "share of the requests naming no version that go to the canary label's version (sticky per caller key: "
+        "x-request-id, else the request's seed); labels.json's canary_weight overrides it without a restart",
+        minimum=0.0,
+        maximum=1.0,
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -92,7 +112,7 @@ class RepositorySettings:
                 raise SettingError("{default_version}: {problem}, a number, or latest", problem=exc) from None
 
 
-class ModelObserver(Protocol):
+class ModelObserver(ShadowObserver, Protocol):
     """What the manager reports (the metrics module implements it)."""
 
     def model_loaded(self, name: str, version: int, provider: str, score_quantiles: Mapping[str, float]) -> None: ...
@@ -102,6 +122,8 @@ class ModelObserver(Protocol):
     def model_unloaded(self, version: int) -> None: ...
 
     def labels_changed(self, labels_by_version: dict[int, list[str]], default_version: int | None) -> None: ...
+
+    def canary_changed(self, version: int | None, weight: float) -> None: ...
 
     def for_version(self, version: int) -> EngineObserver: ...
 
@@ -148,6 +170,7 @@ class ModelManager:
         check_version: Callable[[ModelVersion], None] = lambda version: None,
         telemetry: TelemetrySettings | None = None,
         tracing: Tracing = OFF,
+        shadow: ShadowSettings | None = None,
     ) -> None:
         self.repository = repository
         self.policy = VersionPolicy.parse(repository.version_policy)
@@ -161,8 +184,12 @@ class ModelManager:
         self._served: dict[int, _Served] = {}
         self._retiring: set[_Served] = set()
         self._closing: set[asyncio.Task[None]] = set()  # retired versions being closed (awaited by `close`)
+        self._routes = Routes()  # labels.json as last read
         self._labels: dict[str, int] = {}
         self._default: int | None = None
+        self._canary: int | None = None  # the canary label's version, when served and not the default
+        self._canary_weight = 0.0
+        self.shadow = ShadowScoring(shadow or ShadowSettings(), self._lease_number, observer)
         self._failed: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}  # version → (files, reason)
         self._labels_problem: str | None = None  # why labels.json was last unreadable (logged once per problem)
         self._ignored_dirs: set[str] = set()  # directories named beyond MAX_VERSION, logged once
@@ -178,6 +205,7 @@ class ModelManager:
 
     async def start(self) -> None:
         """Load what the directory and policy say; ModelRepositoryError when nothing could be served."""
+        self.shadow.start()
         await self.refresh("start")
         if not self._served:
             reasons = [reason for _, reason in self._failed.values()]
@@ -190,6 +218,7 @@ class ModelManager:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        await self.shadow.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
         for served in [*self._served.values(), *self._retiring]:
             await self._close(served)
@@ -218,13 +247,13 @@ class ModelManager:
                 return
             self._log_ignored(listing.refused)
             present = list(listing.versions)
-            labels = self._usable_labels(read)
+            routes = self._usable_routes(read)
             self._failed = {version: failure for version, failure in self._failed.items() if version in present}
-            wanted = await self._load_wanted(present, labels)
+            wanted = await self._load_wanted(present, routes.labels)
             keep = wanted & self._served.keys()
             for version in set(self._served) - (keep or set(self._served)):  # never retire the last ones
                 self._retire(version)
-            self._set_routes(labels)
+            self._set_routes(routes)
 
     async def _load_wanted(self, present: list[int], labels: dict[str, int]) -> set[int]:
         """Load what the policy and the labels want, among the versions not known to fail; returns the wanted.
@@ -243,9 +272,16 @@ class ModelManager:
     # -- routing ------------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lease(self, version: int | None = None, label: str | None = None) -> AsyncIterator[VaeEngine]:
-        """The engine of the version asked for (by number, label, or the default route), held until exit."""
+    async def lease(
+        self, version: int | None = None, label: str | None = None, seed: int | None = None
+    ) -> AsyncIterator[VaeEngine]:
+        """The engine of the version asked for (by number, label, or the default route), held until exit.
+
+        The default route sends the canary weight's share to the canary (module docstring): by the caller's
+        x-request-id, else `seed`, the request's seed where it has one."""
         served = self._resolve(version, label)
+        if self._canary_weight > 0 and not (version or label):
+            served = self._canary_or(served, seed)
         served.leases += 1
         try:
             yield served.engine
@@ -254,9 +290,41 @@ class ModelManager:
             if served.retired and served.leases == 0:
                 self._close_soon(served)
 
+    @property
+    def routes_by_request_id(self) -> bool:
+        """Whether the version a request naming none gets depends on its caller's key now (a canary weight)."""
+        return self._canary is not None and self._canary_weight > 0
+
+    def _canary_or(self, default: _Served, seed: int | None) -> _Served:
+        """The canary's engine for the canary weight's share of the callers (by key) or requests, else `default`."""
+        canary = self._served.get(self._canary) if self._canary is not None else None
+        if canary is None:
+            return default
+        key = REQUEST_ID.get()
+        if key is None and seed is not None:
+            key = f"seed:{seed}"
+        share = canary_bucket(key) if key is not None else random.random()
+        return canary if share < self._canary_weight else default
+
+    def _lease_number(self, version: int) -> contextlib.AbstractAsyncContextManager[VaeEngine]:
+        return self.lease(version=version)
+
     def engine(self, version: int | None = None, label: str | None = None) -> VaeEngine:
         """The engine serving `version` or `label` (neither: the default route's) now, for a look at its state."""
         return self._resolve(version, label).engine
+
+    def comparison(self, version: int | None = None, label: str | None = None) -> Comparison:
+        """Shadow scoring's evidence on a candidate (by number or label; neither: the canary's version) against
+        stable; NotFound when neither names one and no canary label names a served version."""
+        if label:
+            version = self._resolve(None, label).engine.version.number
+        if not version:
+            candidate = self._labels.get(CANARY_LABEL)
+            if candidate is None or candidate not in self._served:
+                where = "names no version" if candidate is None else f"names version {candidate}, which is not served"
+                raise NotFound(f"no candidate to compare: label {CANARY_LABEL!r} {where}; {self._describe_served()}")
+            version = candidate
+        return self.shadow.comparison(version)
 
     def status(self) -> list[VersionStatus]:
         """Every version served, unloading or failed, newest first."""
@@ -301,9 +369,10 @@ class ModelManager:
             labels_of.setdefault(version, []).append(label)
         return labels_of
 
-    def _set_routes(self, labels: dict[str, int]) -> None:
+    def _set_routes(self, routes: Routes) -> None:
         served = sorted(self._served)
-        self._labels = labels
+        self._routes = routes
+        labels = self._labels = routes.labels
         default = resolve_default(self.repository.default_version, served, labels)
         if default is None and served:
             default = served[-1]
@@ -312,28 +381,40 @@ class ModelManager:
                 log.warning("default_route_unresolved", extra={"fields": fields})
         self._default = default
         self.observer.labels_changed(self._labels_by_version(), default)
+        stable = labels.get(STABLE_LABEL) if labels.get(STABLE_LABEL) in self._served else default
+        candidate = labels.get(CANARY_LABEL)
+        canary = candidate if candidate in self._served and candidate != default else None
+        weight = self.repository.canary_weight if routes.canary_weight is None else routes.canary_weight
+        if (canary, weight) != (self._canary, self._canary_weight):
+            log.info("canary_route", extra={"fields": {"canary": canary, "weight": weight, "default": default}})
+            self.observer.canary_changed(canary, weight)
+        self._canary, self._canary_weight = canary, weight
+        pair = None
+        if candidate is not None and stable is not None and candidate in self._served and candidate != stable:
+            pair = Pair(stable, candidate)
+        self.shadow.compare(pair)
 
     # -- loading and unloading ----------------------------------------------------------------------------------
 
-    def _read_directory(self) -> tuple[VersionListing, dict[str, int] | ModelRepositoryError]:
+    def _read_directory(self) -> tuple[VersionListing, Routes | ModelRepositoryError]:
         """The version directories and labels.json (in the loader thread); a labels file that cannot be read is
         returned as its error, so that it never keeps versions from loading."""
         listing = scan_versions(self.repository.model_dir)
         try:
-            return listing, read_labels(self.repository.model_dir)
+            return listing, read_routes(self.repository.model_dir)
         except ModelRepositoryError as exc:
             return listing, exc
 
-    def _usable_labels(self, read: dict[str, int] | ModelRepositoryError) -> dict[str, int]:
-        """The labels read, or the ones the server has (none at start-up) when labels.json cannot be read: that
-        is logged once per problem, not on every poll."""
+    def _usable_routes(self, read: Routes | ModelRepositoryError) -> Routes:
+        """The labels and weight read, or the ones the server has (none at start-up) when labels.json cannot be
+        read: that is logged once per problem, not on every poll."""
         if not isinstance(read, ModelRepositoryError):
             self._labels_problem = None
             return read
         if str(read) != self._labels_problem:
             self._labels_problem = str(read)
             log.error("labels_unreadable", extra={"fields": {"error": str(read), "keeping": self._labels}})
-        return self._labels
+        return self._routes
 
     def _log_ignored(self, refused: dict[str, str]) -> None:
         """Log each directory named like a version that cannot be one, once (again if it goes and comes back)."""
@@ -377,6 +458,7 @@ class ModelManager:
             self.telemetry,
             self.stream_slots,
             self.tracing,
+            self.shadow.offer,
         )
         engine.start()
         self._served[version] = _Served(engine)

@@ -6,11 +6,14 @@
     all             every version in the directory
 
 A version a label names (`contract.labels`) is served whether or not the policy selects it: the label says
-that traffic wants it. The default route is `latest` (the newest served), a label, or a number.
+that traffic wants it. The default route is `latest` (the newest served), a label, or a number; a share of it
+(the canary weight) goes to the `canary` label's version, by the caller's key where it sends one
+(`canary_bucket`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 LATEST = "latest"  # the default route's name for the newest served version
@@ -60,3 +63,16 @@ def resolve_default(route: str, served: list[int], labels: dict[str, int]) -> in
         return served[-1]
     version = labels.get(route) if not route.isdecimal() else int(route)
     return version if version in served else None
+
+
+CANARY_LABEL = "canary"  # the label whose version takes the canary's share of the default route
+STABLE_LABEL = "stable"  # the label of the version a candidate is compared with (without it: the default route's)
+
+
+def canary_bucket(key: str) -> float:
+    """Where a caller's key falls in [0, 1): the same key, the same place, on every replica and release.
+
+    A request goes to the canary when its key's bucket is below the canary weight, so raising the weight only
+    moves callers from stable to the canary, never back and forth."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64

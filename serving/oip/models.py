@@ -484,7 +484,9 @@ class Catalogue:
         """One engine call of the version the request names; the outputs it asked for, in its order."""
         operation = self.operation(request.model)
         wanted = list(request.outputs)
-        async with self.models.lease(*version_choice(request.version)) as engine:
+        seed = request.parameters.get("seed")  # the caller's key for the canary's share, without an x-request-id
+        route_key = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+        async with self.models.lease(*version_choice(request.version), seed=route_key) as engine:
             arguments = _Arguments(operation, request)
             if wanted:
                 known = [spec.name for spec in operation.outputs]

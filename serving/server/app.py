@@ -157,7 +157,14 @@ async def build_grpc_server(
     port."""
     reply_counts = {**REPLY_ITEMS, "ModelInfer": reply_items}
     services = (SERVICE_NAME, OIP_SERVICE_NAME)
-    interceptor = RequestInterceptor(services, record, reply_counts, admission, counted_by_message={"ModelStreamInfer"})
+    interceptor = RequestInterceptor(
+        services,
+        record,
+        reply_counts,
+        admission,
+        counted_by_message={"ModelStreamInfer"},
+        routes_by_request_id=lambda: models.routes_by_request_id,
+    )
     # No maximum_concurrent_rpcs: gRPC would count a call from its first byte, so calls that never send their
     # message could take every slot; the interceptor counts calls with their message (--max-concurrent-rpcs).
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(config))
@@ -283,6 +290,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         reply_fits(config),
         config.telemetry,
         tracing,
+        config.shadow,
     )
     await models.start()
     catalogue, admission = Catalogue(models), config.admission.build()  # both transports share them

@@ -5,9 +5,9 @@
 
 Each setting is defined once, in the dataclass of the component that uses it (`RepositorySettings` in the model
 manager, `AdmissionSettings` in the admission, `BatchSettings` in the batcher, `RuntimeSettings` in the runtime,
-`LimitSettings` and `TelemetrySettings` in the engine, the process's own below), and the server hands each
-component its section as it is. A flag wins over its variable, the variable over the default; a bad value stops
-the server with one line naming the flag or variable.
+`LimitSettings` and `TelemetrySettings` in the engine, `ShadowSettings` in shadow scoring, the process's own
+below), and the server hands each component its section as it is. A flag wins over its variable, the variable
+over the default; a bad value stops the server with one line naming the flag or variable.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from serving.dataplane.batcher import BatchSettings
 from serving.dataplane.engine import LimitSettings, TelemetrySettings
 from serving.dataplane.runtime import RuntimeSettings
 from serving.lifecycle.manager import RepositorySettings
+from serving.lifecycle.shadow import ShadowSettings
 from serving.server.metrics_port import DEFAULT_MAX_METRICS_CONNECTIONS, METRICS_TIMEOUT_SECONDS
 
 ENV_PREFIX = "VAE_"
@@ -184,6 +185,7 @@ class ServerConfig:
     batching: BatchSettings = section(BatchSettings, "batching")
     limits: LimitSettings = section(LimitSettings, "request limits")
     telemetry: TelemetrySettings = section(TelemetrySettings, "input telemetry")
+    shadow: ShadowSettings = section(ShadowSettings, "shadow scoring")
     process: ProcessSettings = section(ProcessSettings, "shutdown and logs")
 
     def __post_init__(self) -> None:

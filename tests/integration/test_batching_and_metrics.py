@@ -113,6 +113,7 @@ def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_re
         list(client.sample_stream(10, seed=1))
         client.interpolate(np.zeros((2, 1, 28, 28), np.float32), np.ones((2, 1, 28, 28), np.float32), steps=3)
         client.model_info()
+        assert client.compare_versions(1).note.startswith("no candidate is being compared")
         scored = client.score(np.full((4, 1, 28, 28), 0.5, np.float32), importance_samples=2)
         client.reconstruct(np.zeros((3, 1, 28, 28), np.float32))
         client.traverse(np.zeros((1, 20), np.float32), dimensions=[0, 1], steps=3)
@@ -127,6 +128,7 @@ def test_metrics_endpoint_exposes_every_metric_with_the_traffic_sent(exported_re
         return matches[0]
 
     ok = {"Encode": 2, "Decode": 1, "Sample": 1, "SampleStream": 1, "Interpolate": 1, "GetModelInfo": 1}
+    ok |= {"CompareVersions": 1}
     ok |= {"Score": 1, "Reconstruct": 1, "Traverse": 1}
     for method in METHODS:
         assert value("vae_requests_total", method=method, code="OK") == ok[method]

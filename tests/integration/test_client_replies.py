@@ -60,6 +60,9 @@ class FakeVae(pb_grpc.VaeServiceServicer):
     async def GetModelInfo(self, request: Any, context: Any) -> Any:
         return self.replies["GetModelInfo"]
 
+    async def CompareVersions(self, request: Any, context: Any) -> Any:
+        return self.replies["CompareVersions"]
+
 
 @pytest.fixture(scope="module")
 def fake_server() -> Iterator[tuple[FakeVae, str]]:
@@ -120,6 +123,7 @@ def well_formed_replies() -> dict[str, Any]:
             images=tensor(2, 3, *IMAGE), latents=tensor(2, 3, LATENT_DIM), dimensions=[0, 1], values=[-1, 0, 1]
         ),
         "GetModelInfo": pb.ModelInfo(name="vae-mnist", version=1, manifest_json='{"name": "vae-mnist"}'),
+        "CompareVersions": pb.VersionComparison(candidate=2, stable=1, paired_inputs=300, share_worse=0.4),
     }
 
 
@@ -137,6 +141,7 @@ CALLS: dict[str, Callable[[VaeClient], Any]] = {
     "Reconstruct": lambda client: client.reconstruct(ONE_IMAGE),
     "Traverse": lambda client: client.traverse(ONE_LATENT, dimensions=[0, 1], steps=3),
     "GetModelInfo": lambda client: client.model_info(),
+    "CompareVersions": lambda client: client.compare_versions(2),
 }
 
 
@@ -196,6 +201,12 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("GetModelInfo", pb.ModelInfo(manifest_json=""), "manifest_json is not JSON"),
     ("GetModelInfo", pb.ModelInfo(manifest_json="[" * 100_000), "manifest_json is not JSON"),
     ("GetModelInfo", pb.ModelInfo(manifest_json="[1, 2]"), "manifest_json is not a JSON object: '\\[1, 2\\]'"),
+    ("CompareVersions", pb.VersionComparison(candidate=3), "it compares version 3; the request asked about 2"),
+    (
+        "CompareVersions",
+        pb.VersionComparison(candidate=2, stable=1, paired_inputs=3, share_worse=1.5),
+        "share_worse is 1.5, not a share",
+    ),
 ]
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from contract.labels import read_labels
+from serving.admin import set_label
 from serving.client import VaeClient, VaeError
-from serving.lifecycle.admin import set_label
 from tests.helpers import (
     DirectGraphs,
     ServerThread,

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from serving.admin import set_label
 from serving.api import oip, oip_grpc
 from serving.client import VaeClient
 from serving.grpc.oip_servicer import parameter_message
-from serving.lifecycle.admin import set_label
 from serving.oip.models import Param
 from tests.helpers import ServerThread, publish_copy, running_server
 

@@ -1,4 +1,5 @@
-"""vae-models, the operator's commands: check, promote and label, as the console script users run."""
+"""vae-models, the operator's commands: check, canary and label, as the console script users run; promote's verdict
+(promote itself asks a running server: tests/integration/test_canary.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from contract.labels import LABELS_FILE, read_labels
+from contract.labels import LABELS_FILE, Routes, read_labels, read_routes
 from contract.repository import ModelRepositoryError
-from serving.lifecycle.admin import set_label
+from serving.admin import describe, set_label, verdict
+from serving.client import VersionComparison
 from tests.helpers import publish_copy
 
 VAE_MODELS = Path(sys.executable).parent / "vae-models"  # installed by pip with the package (pyproject's scripts)
@@ -40,14 +43,49 @@ def test_an_error_is_one_line_without_a_traceback(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: model directory not found"
 
 
-def test_promote_points_stable_at_a_version_and_says_what_it_replaced(model_dir: Path) -> None:
+def test_canary_sets_the_label_and_its_share_and_label_keeps_the_share(model_dir: Path) -> None:
     publish_copy(model_dir, 2)
-    assert vae_models("promote", str(model_dir), "1").stdout == "vae-mnist: stable -> version 1\n"
-    assert vae_models("promote", str(model_dir), "2").stdout == "vae-mnist: stable -> version 2 (was 1)\n"
-    assert vae_models("promote", str(model_dir), "1", "--label", "canary").stdout == "vae-mnist: canary -> version 1\n"
-    assert read_labels(model_dir) == {"stable": 2, "canary": 1}
-    refused = vae_models("promote", str(model_dir), "7")
-    assert refused.returncode == 1 and refused.stderr == f"error: {model_dir}: no version 7 (versions: [1, 2])\n"
+    assert vae_models("canary", str(model_dir), "2", "--weight", "0.05").stdout == (
+        "vae-mnist: canary -> version 2, taking 5% of the default route\n"
+    )
+    assert read_routes(model_dir) == Routes({"canary": 2}, 0.05)
+    assert vae_models("label", str(model_dir), "stable", "1").returncode == 0
+    assert read_routes(model_dir) == Routes({"canary": 2, "stable": 1}, 0.05)  # moving a label keeps the weight
+    assert vae_models("canary", str(model_dir), "--weight", "0.25").stdout.endswith("taking 25% of the default route\n")
+    assert (
+        vae_models("canary", str(model_dir), "--remove").stdout == "vae-mnist: no canary (label and weight removed)\n"
+    )
+    assert json.loads((model_dir / LABELS_FILE).read_text()) == {"stable": 1}  # the first form again
+    refused = vae_models("canary", str(model_dir), "--weight", "0.1")
+    assert refused.returncode == 1 and "no canary label: name its version" in refused.stderr
+    assert vae_models("canary", str(model_dir), "2", "--weight", "1.5").returncode == 2  # argparse: not a share
+    assert vae_models("canary", str(model_dir), "2", "--remove").returncode == 2  # either, not both
+
+
+def comparison(**fields: float) -> VersionComparison:
+    values: dict[str, Any] = {
+        "candidate": 4, "stable": 3, "paired_inputs": 500, "median_difference": 0.2, "median_difference_low": 0.1,
+        "median_difference_high": 0.4, "confidence": 0.95, "share_worse": 0.55, "stable_median_negative_elbo": 101.5,
+        "candidate_median_negative_elbo": 101.7, "dropped": 2, "abandoned": 0, "shadow_fraction": 0.1, "note": "",
+    }  # fmt: skip
+    return VersionComparison(**{**values, **fields})
+
+
+def test_the_verdict_needs_enough_pairs_and_the_interval_within_the_margin() -> None:
+    assert verdict(comparison(), margin=1.0, min_pairs=200) is None
+    assert verdict(comparison(median_difference_high=1.2), margin=1.0, min_pairs=200) == (
+        "version 4 may score live inputs worse than stable by more than the margin: the upper end of the median "
+        "difference's interval is +1.200 nats, above 1"
+    )
+    assert verdict(comparison(median_difference_high=1.2), margin=1.5, min_pairs=200) is None
+    assert verdict(comparison(paired_inputs=199), margin=1.0, min_pairs=200) == (
+        "version 4 has 199 paired inputs, fewer than the 200 needed"
+    )
+    assert describe(comparison()) == (
+        "version 4 against stable 3 on 500 paired inputs: median difference +0.200 nats (95% interval +0.100 .. "
+        "+0.400), worse on 55.0%; median negative ELBO 101.70 against 101.50; 2 dropped, 0 abandoned (shadow "
+        "fraction 0.1)"
+    )
 
 
 def test_label_sets_and_removes_labels(model_dir: Path) -> None:

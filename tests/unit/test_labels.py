@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from contract.labels import LABELS_FILE, MAX_LABELS, MAX_LABELS_BYTES, check_label, read_labels, write_labels
+from contract.labels import (
+    LABELS_FILE,
+    MAX_LABELS,
+    MAX_LABELS_BYTES,
+    Routes,
+    check_label,
+    read_labels,
+    read_routes,
+    write_labels,
+)
 from contract.repository import ModelRepositoryError
 
 
@@ -77,3 +86,38 @@ def test_more_labels_than_the_limit_are_refused(tmp_path: Path) -> None:
         read_labels(tmp_path)
     with pytest.raises(ValueError, match="33 labels, more than the 32"):
         write_labels(tmp_path, {**most, "one-more": 1})
+
+
+def test_a_canary_weight_writes_the_second_form_and_both_forms_are_read(tmp_path: Path) -> None:
+    write_labels(tmp_path, {"stable": 3, "canary": 4}, canary_weight=0.05)
+    assert json.loads((tmp_path / LABELS_FILE).read_text()) == {
+        "labels": {"canary": 4, "stable": 3},
+        "canary_weight": 0.05,
+    }
+    assert read_routes(tmp_path) == Routes({"canary": 4, "stable": 3}, 0.05)
+    assert read_labels(tmp_path) == {"canary": 4, "stable": 3}
+    write_labels(tmp_path, {"stable": 3})
+    assert json.loads((tmp_path / LABELS_FILE).read_text()) == {"stable": 3}  # what older servers read
+    assert read_routes(tmp_path) == Routes({"stable": 3}, None)
+    (tmp_path / LABELS_FILE).write_text('{"labels": 2}')  # the first form, with a label named "labels"
+    assert read_routes(tmp_path) == Routes({"labels": 2}, None)
+    (tmp_path / LABELS_FILE).write_text('{"labels": {"stable": 3}}')  # the second form without a weight
+    assert read_routes(tmp_path) == Routes({"stable": 3}, None)
+    with pytest.raises(ValueError, match=r"canary weight 1\.5 is not allowed: a share of requests, from 0 to 1"):
+        write_labels(tmp_path, {"stable": 3}, canary_weight=1.5)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"labels": {"stable": 3}, "canary_weight": 1.5}', "canary_weight must be a number from 0 to 1, got 1.5"),
+        ('{"labels": {"stable": 3}, "canary_weight": "x"}', 'canary_weight must be a number from 0 to 1, got "x"'),
+        ('{"labels": {"stable": 3}, "weight": 0.1}', "unknown field 'weight': the file is"),
+        ('{"labels": {"stable": 0}, "canary_weight": 0.1}', "label 'stable' must name a version number .* got 0"),
+        ('{"labels": {"Stable": 1}}', "label 'Stable' is not allowed"),
+    ],
+)
+def test_a_malformed_second_form_is_refused_saying_what_is_wrong(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / LABELS_FILE).write_text(content)
+    with pytest.raises(ModelRepositoryError, match=f"{LABELS_FILE}: {message}"):
+        read_routes(tmp_path)

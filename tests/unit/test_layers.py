@@ -35,7 +35,7 @@ def test_the_client_loads_neither_onnxruntime_nor_the_server() -> None:
 
 
 def test_nothing_in_serving_loads_torch() -> None:
-    loaded = loaded_after_import("serving.server.app", "serving.client.cli", "serving.lifecycle.admin")
+    loaded = loaded_after_import("serving.server.app", "serving.client.cli", "serving.admin")
     assert not {"torch", "onnx", "training"} & loaded
 
 
