@@ -19,7 +19,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: oip-clients perf-analyzer promote audit soak beta-sweep bench bench-abuse bench-oip bench-ood bench-rpcs bench-tracing bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
+.PHONY: oip-clients perf-analyzer promote canary audit soak beta-sweep bench bench-abuse bench-oip bench-ood bench-rpcs bench-tracing bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -126,9 +126,13 @@ export: install ## export the newest run's best.pt (or RUN=runs/<name>) as the n
 	$(PY) -m training.export --checkpoint $(EXPORT_CHECKPOINT) --repository $(REPOSITORY) --name $(NAME)
 
 SERVE_MODEL_DIR = $(or $(VAE_MODEL_DIR),$(REPOSITORY)/$(NAME))
-promote: install ## point LABEL (default stable) at VERSION in $(REPOSITORY)/$(NAME); running servers follow within their poll interval
-	@test -n "$(VERSION)" || { echo "error: name the version: make promote VERSION=3 [LABEL=stable]" >&2; exit 1; }
-	$(VENV)/bin/vae-models promote $(SERVE_MODEL_DIR) $(VERSION) --label $(or $(LABEL),stable)
+promote: install ## point LABEL (default stable) at VERSION if the server at TARGET (default localhost:50051) has the evidence (FORCE=1: anyway)
+	@test -n "$(VERSION)" || { echo "error: name the version: make promote VERSION=3 [LABEL=stable] [TARGET=host:port] [FORCE=1]" >&2; exit 1; }
+	$(VENV)/bin/vae-models promote $(SERVE_MODEL_DIR) $(VERSION) --label $(or $(LABEL),stable) $(if $(TARGET),--target $(TARGET)) $(if $(FORCE),--force)
+
+canary: install ## make VERSION the canary, taking WEIGHT (0 .. 1) of the default route, shadow-scored against stable (REMOVE=1 ends it)
+	@test -n "$(VERSION)$(WEIGHT)$(REMOVE)" || { echo "error: make canary VERSION=4 [WEIGHT=0.05], WEIGHT=0.2 or REMOVE=1" >&2; exit 1; }
+	$(VENV)/bin/vae-models canary $(SERVE_MODEL_DIR) $(VERSION) $(if $(WEIGHT),--weight $(WEIGHT)) $(if $(REMOVE),--remove)
 
 
 serve: install ## serve the newest version of $(REPOSITORY)/$(NAME) over gRPC (VAE_* env vars apply; ARGS="--port 6000" adds flags)
