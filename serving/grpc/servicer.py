@@ -54,7 +54,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
     async def _lease(self, request: _VersionedRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[VaeEngine]:
         """The engine of the version the request names (or the default route's, the canary's share by the caller's
         x-request-id or else the request's seed), for the whole call."""
-        seed = getattr(request, "seed", None) if _has_seed(request) else None
+        seed = _seed_of(request) if self.models.routes_by_request_id else None  # a key only the canary reads
         async with self.models.lease(*version_choice(request.model_version), seed=seed) as engine:
             context.set_trailing_metadata(((VERSION_METADATA, str(engine.version.number)),))
             yield engine
@@ -207,12 +207,13 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         )
 
 
-def _has_seed(request: _VersionedRequest) -> bool:
-    """Whether the request has a seed field and sets it (Sample, SampleStream, Score, Reconstruct)."""
+def _seed_of(request: _VersionedRequest) -> int | None:
+    """The request's seed where it has one set (Sample, SampleStream, Score, Reconstruct)."""
     try:
-        return request.HasField("seed")
+        has_seed = request.HasField("seed")
     except ValueError:  # a message without the field
-        return False
+        return None
+    return getattr(request, "seed", None) if has_seed else None
 
 
 def _sample_arguments(request: pb.SampleRequest) -> tuple[int, int | None, float | None, OutputDType]:

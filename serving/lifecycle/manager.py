@@ -381,7 +381,11 @@ class ModelManager:
                 log.warning("default_route_unresolved", extra={"fields": fields})
         self._default = default
         self.observer.labels_changed(self._labels_by_version(), default)
-        stable = labels.get(STABLE_LABEL) if labels.get(STABLE_LABEL) in self._served else default
+        self._set_canary(routes)
+
+    def _set_canary(self, routes: Routes) -> None:
+        """The canary's share of the default route, and the pair of versions shadow scoring compares."""
+        labels, default = routes.labels, self._default
         candidate = labels.get(CANARY_LABEL)
         canary = candidate if candidate in self._served and candidate != default else None
         weight = self.repository.canary_weight if routes.canary_weight is None else routes.canary_weight
@@ -389,6 +393,7 @@ class ModelManager:
             log.info("canary_route", extra={"fields": {"canary": canary, "weight": weight, "default": default}})
             self.observer.canary_changed(canary, weight)
         self._canary, self._canary_weight = canary, weight
+        stable = labels.get(STABLE_LABEL) if labels.get(STABLE_LABEL) in self._served else default
         pair = None
         if candidate is not None and stable is not None and candidate in self._served and candidate != stable:
             pair = Pair(stable, candidate)

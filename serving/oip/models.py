@@ -484,7 +484,7 @@ class Catalogue:
         """One engine call of the version the request names; the outputs it asked for, in its order."""
         operation = self.operation(request.model)
         wanted = list(request.outputs)
-        seed = request.parameters.get("seed")  # the caller's key for the canary's share, without an x-request-id
+        seed = request.parameters.get("seed") if self.models.routes_by_request_id else None  # a key for the canary
         route_key = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
         async with self.models.lease(*version_choice(request.version), seed=route_key) as engine:
             arguments = _Arguments(operation, request)

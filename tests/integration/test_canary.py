@@ -6,7 +6,9 @@ pairing is right (the same images, the same draws on both), and the routing can 
 
 from __future__ import annotations
 
+import json
 import math
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +180,23 @@ def test_promote_with_force_moves_the_label_and_says_against_what(
     assert admin.main(["promote", str(model_dir), "1", *unreachable]) == 1
     assert "error: not promoted: cannot read the evidence from 127.0.0.1:1: UNAVAILABLE" in capsys.readouterr().err
     assert read_labels(model_dir)["stable"] == 2
+
+
+@pytest.mark.parametrize("canary_server", [0.0], indirect=True)
+def test_a_caller_key_routes_alike_over_the_typed_api_and_rest(canary_server: ServerThread) -> None:
+    write_labels(canary_server.config.repository.model_dir, {"stable": 1, "canary": 2}, canary_weight=0.5)
+    canary_server.refresh()
+    body = {"inputs": [{"name": "z", "shape": [1, 20], "datatype": "FP32", "data": [0.0] * 20}]}
+    seen = set()
+    with VaeClient(canary_server.target) as client:
+        for key in range(40):
+            typed = client.with_request_id(f"caller-{key}").decode(np.zeros((1, 20), np.float32)).model_version
+            request = urllib.request.Request(
+                f"{canary_server.http_url}/v2/models/vae-mnist-decoder/infer",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "x-request-id": f"caller-{key}"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert json.loads(response.read())["model_version"] == str(typed), key
+            seen.add(typed)
+    assert seen == {1, 2}
