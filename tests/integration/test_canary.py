@@ -200,3 +200,14 @@ def test_a_caller_key_routes_alike_over_the_typed_api_and_rest(canary_server: Se
                 assert json.loads(response.read())["model_version"] == str(typed), key
             seen.add(typed)
     assert seen == {1, 2}
+
+
+def test_the_comparison_keeps_the_newest_pairs_of_its_window(model_dir: Path) -> None:
+    publish_copy(model_dir, 2)
+    write_labels(model_dir, {"stable": 1, "canary": 2})
+    config = {"default_version": "stable", "shadow_fraction": 1.0, "shadow_window": 10, "poll_seconds": 0}
+    with running_server(model_dir, **config) as server, VaeClient(server.target) as client:
+        for start in (0, 8, 16):
+            client.score(IMAGES[start : start + 8])
+        wait_until(lambda: server.metric("vae_shadow_jobs_total", result="scored") == 3, what="3 jobs scored")
+        assert client.compare_versions().paired_inputs == 10  # of 24 scored
