@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import fcntl
 import gzip
+import itertools
 import json
 import os
 import shutil
@@ -281,8 +282,10 @@ class Callers:
     """Threads calling Sample in a loop on one server until stopped; every reply or failure is recorded.
 
     `replies` holds (version that answered, latents, images); `by_caller` the versions each thread saw, in
-    order; `errors` the failures (none is the goal). With `protocols` ("typed", "oip"), thread i calls through
-    protocols[i % len]: the typed API's Sample, or the Open Inference Protocol's ModelInfer on `<model>-sample`.
+    order; `errors` the failures (none is the goal). With `protocols` ("typed", "oip", "inputs"), thread i calls
+    through protocols[i % len]: the typed API's Sample, the Open Inference Protocol's ModelInfer on
+    `<model>-sample`, or ("inputs") Score, Reconstruct and Encode in turn on `rows` real digits from a seeded
+    random place (the latents recorded are the posterior means or the reconstruction's; none for Score).
     """
 
     def __init__(
@@ -293,7 +296,7 @@ class Callers:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        calls = {"typed": self._call, "oip": self._call_oip}
+        calls = {"typed": self._call, "oip": self._call_oip, "inputs": self._call_inputs}
         self._model = model
         self._threads = [
             threading.Thread(target=calls[protocols[seed % len(protocols)]], args=(target, rows, seed), daemon=True)
@@ -324,6 +327,35 @@ class Callers:
                 with self._lock:
                     self.replies.append((drawn.model_version, drawn.latents, drawn.images))
                     self.by_caller[seed].append(drawn.model_version)
+
+    def _call_inputs(self, target: str, rows: int, seed: int) -> None:
+        from serving.client import VaeClient, VaeError
+
+        digits = mnist_5k_images(1024).numpy()
+        rng = np.random.default_rng(seed)
+        with VaeClient(target, timeout_s=30) as client:
+            for call in itertools.cycle(("score", "reconstruct", "encode")):
+                if self._stop.is_set():
+                    return
+                start = int(rng.integers(len(digits) - rows))
+                images, request_seed = digits[start : start + rows], int(rng.integers(2**32))
+                try:
+                    if call == "score":
+                        scored = client.score(images, seed=request_seed)
+                        version, latents = scored.model_version, np.empty((0,), np.float32)
+                    elif call == "reconstruct":
+                        rebuilt = client.reconstruct(images, seed=request_seed)
+                        version, latents = rebuilt.model_version, rebuilt.latents
+                    else:
+                        encoded = client.encode(images)
+                        version, latents = encoded.model_version, encoded.mu
+                except VaeError as exc:
+                    with self._lock:
+                        self.errors.append(f"{call}: {exc}")
+                    continue
+                with self._lock:
+                    self.replies.append((version, latents, images))
+                    self.by_caller[seed].append(version)
 
     def _call_oip(self, target: str, rows: int, seed: int) -> None:
         import grpc

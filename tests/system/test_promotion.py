@@ -9,10 +9,8 @@ figures and promotes the good one, and no caller sees an error.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,54 +18,11 @@ import numpy as np
 import pytest
 
 from contract.labels import read_labels, write_labels
-from serving.client import VaeClient, VaeError
-from tests.helpers import ServerThread, mnist_5k_images, running_server, train_tiny_checkpoint, wait_until
+from serving.client import VaeClient
+from tests.helpers import Callers, ServerThread, running_server, train_tiny_checkpoint, wait_until
 
 VAE_MODELS = Path(sys.executable).parent / "vae-models"
 PAIRS = 200  # promote's default --min-pairs
-
-
-class LiveTraffic:
-    """Threads sending Score, Reconstruct and Encode requests of 4 real digits (a seeded random slice each) until
-    stopped, naming no version; the versions that answered and every failure are kept."""
-
-    def __init__(self, target: str, threads: int = 3) -> None:
-        self.images = mnist_5k_images(1024).numpy()
-        self.errors: list[str] = []
-        self.answered: list[int] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._call, args=(target, seed), daemon=True) for seed in range(threads)
-        ]
-
-    def __enter__(self) -> LiveTraffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-
-    def _call(self, target: str, seed: int) -> None:
-        rng = random.Random(seed)
-        with VaeClient(target, timeout_s=30) as client:
-            while not self._stop.is_set():
-                start = rng.randrange(len(self.images) - 4)
-                images = self.images[start : start + 4]
-                call = rng.choice(("score", "reconstruct", "encode"))
-                try:
-                    if call == "score":
-                        version = client.score(images, seed=rng.randrange(2**32)).model_version
-                    elif call == "reconstruct":
-                        version = client.reconstruct(images, seed=rng.randrange(2**32)).model_version
-                    else:
-                        version = client.encode(images).model_version
-                except VaeError as exc:
-                    self.errors.append(f"{call}: {exc}")
-                    continue
-                self.answered.append(version)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +52,7 @@ def test_the_bad_candidate_is_refused_and_the_good_one_promoted_under_live_traff
     server: ServerThread, three_versions: Path
 ) -> None:
     model_dir, target = str(three_versions), server.target
-    with VaeClient(target) as client, LiveTraffic(target) as traffic:
+    with VaeClient(target) as client, Callers(target, threads=3, rows=4, protocols=("inputs",)) as traffic:
         wait_until(lambda: client.compare_versions(2).paired_inputs >= PAIRS, timeout_s=120, what="pairs on 2")
         bad = client.compare_versions(2)
         refused = vae_models("promote", model_dir, "2", "--target", target)
@@ -107,7 +62,7 @@ def test_the_bad_candidate_is_refused_and_the_good_one_promoted_under_live_traff
         )
         assert "evidence: version 2 against stable 1 on " in refused.stderr
         assert read_labels(three_versions) == {"stable": 1, "canary": 2}
-        assert {2, 1} <= set(traffic.answered)  # the canary took its share of the default route meanwhile
+        assert {2, 1} <= set(traffic.versions_seen())  # the canary took its share of the default route meanwhile
 
         assert vae_models("canary", model_dir, "3").returncode == 0  # the next candidate; the weight stays
         wait_until(lambda: client.compare_versions().candidate == 3, what="version 3 compared")
@@ -117,9 +72,9 @@ def test_the_bad_candidate_is_refused_and_the_good_one_promoted_under_live_traff
         assert promoted.returncode == 0, promoted.stderr
         assert promoted.stdout.startswith("vae-mnist: stable -> version 3 (was 1)\nevidence: version 3 against")
         wait_until(lambda: client.model_info().model_version == 3, what="stable's route to move to version 3")
-        answered = len(traffic.answered)
-        wait_until(lambda: len(traffic.answered) > answered + 20, what="callers answered after the promotion")
-        assert traffic.answered[-1] == 3
+        answered = len(traffic.versions_seen())
+        wait_until(lambda: len(traffic.versions_seen()) > answered + 20, what="callers answered after the promotion")
+        assert traffic.versions_seen()[-1] == 3
     assert traffic.errors == []
     # The evidence the verdicts stood on: the bad version explains nearly every image worse, the good one better.
     assert bad.median_difference_low > 1 and bad.share_worse > 0.9
