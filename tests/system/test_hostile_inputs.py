@@ -148,7 +148,7 @@ def test_a_large_labels_file_is_refused_and_metrics_stay_small(
 
         return recorded
 
-    for name in ("scan_versions", "read_labels"):
+    for name in ("scan_versions", "read_routes"):
         monkeypatch.setattr(manager, name, in_thread(getattr(manager, name)))
     with (
         caplog.at_level(logging.INFO, logger="serving"),
