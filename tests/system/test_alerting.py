@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving.admin import DEFAULT_MARGIN_NATS, DEFAULT_MIN_PAIRS
 from serving.metrics import Metrics
 from tests.helpers import ROOT
 
@@ -206,6 +207,13 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "DCGM_FI_DEV_FB_USED",
         "DCGM_FI_DEV_GPU_TEMP",
         "vae_trace_spans_dropped_total",  # traces lost to a full export queue
+        "vae_shadow_difference_nats_bucket",  # candidate vs stable on identical inputs
+        "vae_shadow_negative_elbo_nats_bucket",
+        "vae_shadow_reconstruction_nats_bucket",
+        "vae_shadow_latent_norm_bucket",
+        "vae_shadow_jobs_total",
+        "vae_shadow_seconds_bucket",
+        "vae_canary_weight",
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):
@@ -265,3 +273,13 @@ def test_slow_requests_traces_come_from_the_traces_variables_data_source() -> No
     assert 'name !~ ".*SampleStream"' in query  # streams are not unary requests: the objective leaves them out
     assert 'resource.k8s.pod.name =~ "${pod:regex}"' in query
     assert (250, "red") in steps(panel)
+
+
+def test_the_canary_alert_judges_with_promotes_margin_and_minimum_pairs() -> None:
+    (rule,) = [rule for rule in alerts() if rule["alert"] == "VaeCanaryScoresWorse"]
+    margin = re.search(r"\)\s*>\s*([0-9.]+)\s*\)", rule["expr"])
+    pairs = re.search(r">=\s*([0-9]+)\s*$", rule["expr"].strip())
+    assert margin and pairs, rule["expr"]
+    assert float(margin.group(1)) == DEFAULT_MARGIN_NATS and int(pairs.group(1)) == DEFAULT_MIN_PAIRS
+    (difference,) = [p for p in panels().values() if p["title"].startswith("Paired difference")]
+    assert [value for value, color in steps(difference) if color == "red"] == [DEFAULT_MARGIN_NATS]

@@ -10,6 +10,10 @@ The server traces every request to an OTLP receiver on a loopback port (`bench.o
 stores exemplars (`--enable-feature=exemplar-storage`; it asks for the OpenMetrics exposition, which carries
 them): the exemplars it returns must name traces the receiver got.
 
+The server serves the tests' model as stable and, as the canary, a version trained for two steps, and shadow-scores
+every stable input on it: the canary panels have series, and the alert that the canary scores live inputs worse
+fires on what Prometheus scraped.
+
 Series from other exporters (the DCGM exporter's GPU metrics, kube-state-metrics) cannot exist here: queries
 on them must evaluate, not return data. So must queries on metrics the server under test does not export. The
 dashboard's traces panel asks the tracing data source, not Prometheus, and is not evaluated here.
@@ -34,8 +38,9 @@ import pytest
 import yaml
 
 from bench.otlp_receiver import OtlpReceiver
+from contract.labels import write_labels
 from serving.client import VaeClient, VaeError
-from tests.helpers import ROOT, ServerThread, running_server, scrape, wait_until
+from tests.helpers import ROOT, ServerThread, running_server, scrape, train_tiny_checkpoint, wait_until
 
 DEPLOY = ROOT / "deploy"
 RATE_WINDOW = "20s"  # stands in for Grafana's $__rate_interval at a 1 s scrape interval
@@ -78,11 +83,26 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def server(exported_repository: Path, receiver: OtlpReceiver) -> Iterator[ServerThread]:
+def with_bad_canary(exported_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' model as stable (version 1) and, as the canary, a version trained for two steps (2)."""
+    from training.export import export
+
+    folder = tmp_path_factory.mktemp("monitored")
+    model_dir = Path(shutil.copytree(exported_repository, folder / "models" / "vae-mnist"))
+    export(train_tiny_checkpoint(folder / "bad.pt", latent_dim=20, steps=2, seed=1), model_dir.parent, model_dir.name)
+    write_labels(model_dir, {"stable": 1, "canary": 2})
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def server(with_bad_canary: Path, receiver: OtlpReceiver) -> Iterator[ServerThread]:
+    """Stable answers every request (no canary weight); each of its Encode, Score and Reconstruct inputs is
+    scored again on the bad canary, so the shadow panels and the canary alert have series."""
     with pytest.MonkeyPatch.context() as patch:
         for name, value in receiver.env().items():  # read once, as the server starts
             patch.setenv(name, value)
-        with running_server(exported_repository, max_delay_ms=2.0) as running:
+        config = {"max_delay_ms": 2.0, "default_version": "stable", "shadow_fraction": 1.0}
+        with running_server(with_bad_canary, **config) as running:
             yield running
 
 
@@ -142,7 +162,8 @@ def prometheus(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def traffic(server: ServerThread, prometheus: Prometheus) -> dict[str, int]:
     """Every RPC, some bad requests, spread over ~6 s so that rates over a 20 s window have several points."""
-    sent = {"Sample": 0, "Decode": 0, "Encode": 0, "Interpolate": 0, "GetModelInfo": 0, "Score": 0, "invalid": 0}
+    sent = {"Sample": 0, "Decode": 0, "Encode": 0, "Interpolate": 0, "GetModelInfo": 0, "Score": 0, "Reconstruct": 0}
+    sent["invalid"] = 0
     with VaeClient(server.target, retries=0) as client:
         latent_dim = client.model_info().latent_dim
         for round_ in range(12):
@@ -153,7 +174,8 @@ def traffic(server: ServerThread, prometheus: Prometheus) -> dict[str, int]:
             client.interpolate(latents[:2], latents[2:4], steps=5)
             client.model_info()
             client.score(images)  # the input score and latent norm histograms (the drift panels and alert)
-            for name in ("Sample", "Decode", "Encode", "Interpolate", "GetModelInfo", "Score"):
+            client.reconstruct(images)  # with Encode and Score: 24 images shadow-scored on the canary per round
+            for name in ("Sample", "Decode", "Encode", "Interpolate", "GetModelInfo", "Score", "Reconstruct"):
                 sent[name] += 1
             with pytest.raises(VaeError):
                 client.decode(np.zeros((1, latent_dim + 1), np.float32))
@@ -165,6 +187,11 @@ def traffic(server: ServerThread, prometheus: Prometheus) -> dict[str, int]:
         lambda: prometheus.total('vae_requests_total{job="vae-server"}') >= sum(sent.values()) + 1,
         timeout_s=60,
         what="Prometheus to scrape every request sent",
+    )
+    wait_until(
+        lambda: prometheus.total('vae_shadow_difference_nats_count{job="vae-server"}') >= 24 * 12,
+        timeout_s=60,
+        what="Prometheus to scrape every shadow-scored input",
     )
     return sent
 
@@ -242,8 +269,10 @@ def test_every_alert_expression_evaluates_on_the_servers_metrics(
     expr = rule["expr"]
     firing = prometheus.query(expr)  # parses and evaluates
     # A healthy server fires nothing; whether the test's inputs (decoded samples, not digits) look like the
-    # training data is not what this test is about, so VaeInputDrift's condition is evaluated only.
-    assert not firing or rule["alert"] == "VaeInputDrift", f"{rule['alert']} fires on a healthy server"
+    # training data is not what this test is about, so VaeInputDrift's condition is evaluated only. Its canary is
+    # bad on purpose: test_the_canary_alert_fires_for_a_canary_worse_than_stable.
+    judged = ("VaeInputDrift", "VaeCanaryScoresWorse")
+    assert not firing or rule["alert"] in judged, f"{rule['alert']} fires on a healthy server"
     assert not unknown_series(expr, exported), f"{rule['alert']} reads series nothing exports"
     # Every series the alert reads that the server exports exists under that name and those labels: no alert
     # watches a typo.
@@ -257,13 +286,15 @@ def test_every_alert_expression_evaluates_on_the_servers_metrics(
 
 def test_scraped_counts_match_the_traffic_sent(prometheus: Prometheus, traffic: dict) -> None:
     total = prometheus.total
-    for method in ("Sample", "Encode", "Interpolate", "GetModelInfo", "Score"):
+    for method in ("Sample", "Encode", "Interpolate", "GetModelInfo", "Score", "Reconstruct"):
         ok = total(f'vae_requests_total{{job="vae-server", method="{method}", code="OK"}}')
         # GetModelInfo is also asked once up front for the latent size.
         assert ok == traffic[method] + (method == "GetModelInfo"), method
     assert total('vae_requests_total{method="Decode", code="OK"}') == traffic["Decode"]
     assert total('vae_requests_total{method="Decode", code="INVALID_ARGUMENT"}') == traffic["invalid"]
-    assert total('vae_model_info{namespace="vae", pod="vae-server-0"}') == 1
+    assert total('vae_model_info{namespace="vae", pod="vae-server-0"}') == 2  # stable and the canary
+    assert total('vae_requests_total{job="vae-server", version="2"}') == 0  # no weight: the canary answers nobody
+    assert total('vae_shadow_jobs_total{result="scored"}') == 3 * traffic["Score"]  # Encode, Score, Reconstruct
     assert total("up{job='vae-server'}") == 1
 
 
@@ -285,3 +316,18 @@ def test_prometheus_keeps_exemplars_that_name_the_traces_of_the_requests(
         span = named[exemplar["labels"]["span_id"]]  # Score's wait, the step that queued its rows)
         assert span.trace_id == exemplar["labels"]["trace_id"]
         assert span.kind == "SPAN_KIND_SERVER" or span.name in ("vae.encode", "vae.decode")
+
+
+def test_the_canary_alert_fires_for_a_canary_worse_than_stable(prometheus: Prometheus, traffic: dict) -> None:
+    """VaeCanaryScoresWorse's condition, as written, on the paired differences Prometheus scraped: the canary
+    trained for two steps explains every shadowed image worse than stable by far more than the margin."""
+    (rule,) = [rule for rule in rules() if rule.get("alert") == "VaeCanaryScoresWorse"]
+    (firing,) = prometheus.query(rule["expr"])
+    labels = firing["metric"]
+    assert (labels["candidate"], labels["stable"], labels["namespace"], labels["job"]) == (
+        "2",
+        "1",
+        "vae",
+        "vae-server",
+    )
+    assert float(firing["value"][1]) > 1  # the median paired difference, nats
