@@ -19,7 +19,7 @@ REPOSITORY ?= models
 NAME ?= vae-mnist
 DATASET ?= auto
 
-.PHONY: oip-clients perf-analyzer promote canary audit soak beta-sweep bench bench-abuse bench-oip bench-ood bench-rpcs bench-tracing bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
+.PHONY: oip-clients perf-analyzer promote canary audit soak beta-sweep bench bench-abuse bench-oip bench-ood bench-rpcs bench-shadow bench-tracing bench-train gpu-check help install system-deps proto serve test test-fast lint format docs train run export clean deploy-check image image-check image-lock
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -175,6 +175,10 @@ bench-abuse: install ## a cheap caller's latency beside each hostile-caller atta
 bench-oip: install perf-analyzer ## the Open Inference Protocol (gRPC, stream, REST) beside Decode, and perf_analyzer, on $(REPOSITORY)/$(NAME) (~3 min) → bench/results/oip.json
 	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
 	$(PY) -m bench.oip --model-dir $(SERVE_MODEL_DIR)
+
+bench-shadow: install ## what shadow scoring costs callers' p99 and the server's CPU per request: off, 10 % and 100 %, on $(REPOSITORY)/$(NAME) (~1.5 min) → bench/results/shadow.json
+	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }
+	$(PY) -m bench.shadow --model-dir $(SERVE_MODEL_DIR)
 
 bench-tracing: install ## what OpenTelemetry tracing costs the server: unconfigured, 10 % and 100 % sampled, and the code before it, on $(REPOSITORY)/$(NAME) (~2.5 min) → bench/results/tracing.json
 	@test -d "$(SERVE_MODEL_DIR)" || { echo "error: no model in $(SERVE_MODEL_DIR): run 'make run' first" >&2; exit 1; }

@@ -10,10 +10,6 @@ import dataclasses
 import fcntl
 import gzip
 import itertools
-import json
-import os
-import shutil
-import tempfile
 import threading
 import time
 import urllib.request
@@ -31,7 +27,8 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server_process import ServerProcess, rss_bytes
-from contract.repository import DECODER_FILE, MANIFEST_FILE
+from bench.shadow import copy_version
+from contract.repository import DECODER_FILE
 from contract.settings import build
 from serving.server.app import RunningServer, start_server
 from serving.server.config import ServerConfig
@@ -263,19 +260,13 @@ def publish_copy(model_dir: Path, version: int, source: int = 1, corrupt: bool =
     The graphs are the source's (same answers); only the manifest's version differs. `corrupt` flips a byte
     of the decoder, so the copy fails its checksum.
     """
-    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".publish-{version}-"))
-    for file in (model_dir / str(source)).iterdir():
-        shutil.copy2(file, staging / file.name)
-    manifest_path = staging / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text())
-    manifest["version"] = version
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    if corrupt:
+
+    def corrupt_decoder(staging: Path) -> None:
         graph = bytearray((staging / DECODER_FILE).read_bytes())
         graph[-16] ^= 0xFF
         (staging / DECODER_FILE).write_bytes(bytes(graph))
-    os.rename(staging, model_dir / str(version))
-    return model_dir / str(version)
+
+    return copy_version(model_dir, version, source, corrupt_decoder if corrupt else None)
 
 
 class Callers:

@@ -66,6 +66,33 @@ def test_the_protocol_bench_measures_every_load_and_checks_its_targets(
         assert target["met"] == (measured >= bound if target["target"].startswith(">=") else measured <= bound)
 
 
+def test_the_shadow_bench_shadows_only_where_asked_and_pairs_each_server_with_off(
+    exported_repository: Path, tmp_path: Path
+) -> None:
+    """`make bench-shadow`, one short round: behaviour, not timing."""
+    run_module(
+        "bench.shadow", "--model-dir", str(exported_repository), "--seconds", "0.3", "--warmup", "0.2", "--rounds", "1",
+        "--out", str(tmp_path), timeout=240,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "shadow.json").read_text())
+    assert report["failures"] == [] and report["server_log_warnings_and_errors"] == {
+        "off": {},
+        "shadow_10": {},
+        "shadow_100": {},
+    }
+    medians = report["medians"]
+    assert set(medians) == {f"{mode}_{load}" for mode in ("off", "shadow_10", "shadow_100") for load in ("16x8", "1x8")}
+    for load in ("16x8", "1x8"):
+        assert medians[f"off_{load}"]["shadow_scored_per_request"] == 0  # off scores nothing again
+        assert medians[f"shadow_100_{load}"]["shadow_scored_per_request"] == 1  # every request, once, in its window
+        assert medians[f"shadow_100_{load}"]["shadow_dropped_per_request"] == 0
+    jobs = report["shadow_jobs_at_end"]
+    assert jobs["off"]["scored"] == 0 < jobs["shadow_10"]["scored"] < jobs["shadow_100"]["scored"]
+    assert set(report["summary"]) == {
+        f"{mode}_vs_off_{load}" for mode in ("shadow_10", "shadow_100") for load in ("16x8", "1x8")
+    }
+
+
 def test_serving_sweep_writes_results_plot_and_summary(exported_repository: Path, tmp_path: Path) -> None:
     run_module(
         "bench.serving", "--model-dir", str(exported_repository), "--duration", "0.2", "--concurrency", "1", "2",
