@@ -15,7 +15,7 @@ through bench/oip.py's `closed_loop`. Each round (`--rounds`) runs every (server
 shadow queue has drained (its shadow job counters stand still): the server CPU per request (/proc/PID/stat, all
 threads) includes the shadow work the window's requests caused. Ratios are paired within a round against `off`
 (p99 also as the ratio of the two medians); shadow jobs per request are the server's `vae_shadow_jobs_total`
-over the window's requests (scored, and dropped: the queue was full).
+over the window's requests (scored, and dropped: the queue was full). The ratios' per-round values are kept.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import asyncio
 import datetime
 import json
 import os
-import random
 import re
 import shutil
 import statistics
@@ -57,6 +56,7 @@ from bench.oip import (
 )
 from bench.server_process import ServerProcess
 from bench.serving import LOAD_CPUS, SERVER_CPUS
+from bench.tracing import paired, ratio, round_order
 from contract.labels import write_labels
 from contract.repository import MANIFEST_FILE
 from serving.api import pb_grpc
@@ -90,6 +90,10 @@ class Window:
     rows_per_run: float
     shadow_scored_per_request: float
     shadow_dropped_per_request: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.mode}_{self.load}"
 
 
 def copy_version(model_dir: Path, version: int, source: int = 1, change: Callable[[Path], None] | None = None) -> Path:
@@ -172,19 +176,6 @@ async def run_load(
     )
 
 
-def round_order(round_: int) -> list[tuple[str, tuple[int, int]]]:
-    """A round's windows: the loads shuffled, and the servers shuffled within each load."""
-    rng = random.Random(round_)
-    loads = list(LOADS)
-    rng.shuffle(loads)
-    order = []
-    for load in loads:
-        modes = list(FRACTIONS)
-        rng.shuffle(modes)
-        order += [(mode, load) for mode in modes]
-    return order
-
-
 def medians(windows: Sequence[Window]) -> dict[str, dict[str, Any]]:
     """Per (mode, load): the median of each figure over the rounds."""
     table: dict[str, dict[str, Any]] = {}
@@ -196,24 +187,18 @@ def medians(windows: Sequence[Window]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def paired(windows: Sequence[Window], mode: str, load: str, figure: str) -> dict[str, Any]:
-    """`figure` of `mode` over `off`'s, paired within each round: the median and range of the ratios."""
-    by_round = {(w.mode, w.round): getattr(w, figure) for w in windows if w.load == load}
-    ratios = [by_round[(mode, r)] / by_round[("off", r)] for (m, r) in by_round if m == mode and by_round[("off", r)]]
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
-
-
 def summary(windows: Sequence[Window], table: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Each shadowing server against `off`: callers' p99 and server CPU per request, for every load."""
     result: dict[str, Any] = {}
     for mode in ("shadow_10", "shadow_100"):
         for callers, rows in LOADS:
             load = f"{callers}x{rows}"
+            top, bottom = f"{mode}_{load}", f"off_{load}"
             result[f"{mode}_vs_off_{load}"] = {
-                "p99_ratio_paired": paired(windows, mode, load, "p99_ms"),
-                "p99_ratio_of_medians": round(table[f"{mode}_{load}"]["p99_ms"] / table[f"off_{load}"]["p99_ms"], 3),
-                "server_cpu_per_request_ratio_paired": paired(windows, mode, load, "server_cpu_us_per_request"),
-                "requests_per_s_ratio_paired": paired(windows, mode, load, "requests_per_s"),
+                "p99_ratio_paired": paired(windows, top, bottom, "p99_ms", ratio),
+                "p99_ratio_of_medians": round(table[top]["p99_ms"] / table[bottom]["p99_ms"], 3),
+                "server_cpu_per_request_ratio_paired": paired(windows, top, bottom, "server_cpu_us_per_request", ratio),
+                "requests_per_s_ratio_paired": paired(windows, top, bottom, "requests_per_s", ratio),
             }
     return result
 
@@ -264,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         info = asyncio.run(model_info(servers["off"].target))
         for round_ in range(args.rounds):
-            for mode, (callers, rows) in round_order(round_):
+            for mode, (callers, rows) in round_order(round_, tuple(FRACTIONS), LOADS):
                 measured = asyncio.run(
                     run_load(mode, servers[mode], callers, rows, info.latent_dim, args.warmup, args.seconds, round_)
                 )

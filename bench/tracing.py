@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -258,16 +258,18 @@ async def run_load(
     )
 
 
-def round_order(round_: int) -> list[tuple[str, tuple[int, int]]]:
-    """A round's windows: the loads shuffled, and the servers shuffled within each load."""
+def round_order(
+    round_: int, modes: Sequence[str] = MODES, loads: Sequence[tuple[int, int]] = LOADS
+) -> list[tuple[str, tuple[int, int]]]:
+    """A round's windows: the loads shuffled, and the servers (`modes`) shuffled within each load."""
     rng = random.Random(round_)
-    loads = list(LOADS)
-    rng.shuffle(loads)
+    shuffled_loads = list(loads)
+    rng.shuffle(shuffled_loads)
     order = []
-    for load in loads:
-        modes = list(MODES)
-        rng.shuffle(modes)
-        order += [(mode, load) for mode in modes]
+    for load in shuffled_loads:
+        servers = list(modes)
+        rng.shuffle(servers)
+        order += [(mode, load) for mode in servers]
     return order
 
 
@@ -288,8 +290,18 @@ def medians(windows: Sequence[Window]) -> dict[str, dict[str, Any]]:
     return table
 
 
+class KeyedWindow(Protocol):
+    """A measured window `paired` can pair: its server and load (`key`), its round, and its figures."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def round(self) -> int: ...
+
+
 def paired(
-    windows: Sequence[Window], top: str, bottom: str, figure: str, combine: Callable[[float, float], float]
+    windows: Sequence[KeyedWindow], top: str, bottom: str, figure: str, combine: Callable[[float, float], float]
 ) -> dict[str, Any] | None:
     """The median over the rounds of combine(top's `figure`, bottom's), paired within each round."""
     by_round = {(w.key, w.round): float(getattr(w, figure)) for w in windows}
