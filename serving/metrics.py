@@ -283,6 +283,15 @@ class Metrics:
         self.canary_weight.set(weight if version is not None else 0.0)
 
     # ShadowObserver
+    def shadow_compared(self, candidate: int, stable: int) -> None:
+        """A pair's series from the moment it is compared (zeros, not gaps: a rate or increase counts from 0)."""
+        key = (str(candidate), str(stable))
+        self._shadow_pairs.add(key)
+        self.shadow_difference.labels(*key)
+        for family in (self.shadow_negative_elbo, self.shadow_reconstruction, self.shadow_latent_norm):
+            family.labels(str(stable), "stable")
+            family.labels(str(candidate), "candidate")
+
     def shadow_job(self, result: str) -> None:
         self.shadow_jobs.labels(result).inc()
 

@@ -76,6 +76,8 @@ class ShadowSettings:
 class ShadowObserver(Protocol):
     """What shadow scoring reports (the metrics module implements it)."""
 
+    def shadow_compared(self, candidate: int, stable: int) -> None: ...  # a pair begins: its series, at zero
+
     def shadow_job(self, result: str) -> None: ...  # "scored", "dropped" or "abandoned"
 
     def shadow_scored(self, version: int, role: str, scores: ImageScores, seconds: float | None) -> None: ...
@@ -186,6 +188,7 @@ class ShadowScoring:
             window.clear()
         self._dropped = self._abandoned = 0
         if pair is not None:
+            self._observer.shadow_compared(pair.candidate, pair.stable)
             log.info("shadow_scoring", extra={"fields": {"stable": pair.stable, "candidate": pair.candidate}})
 
     def offer(

@@ -39,6 +39,9 @@ class Observer:
     def __init__(self) -> None:
         self.jobs: list[str] = []
 
+    def shadow_compared(self, candidate: int, stable: int) -> None:
+        self.jobs.append(f"compare {candidate} with {stable}")
+
     def shadow_job(self, result: str) -> None:
         self.jobs.append(result)
 
@@ -61,7 +64,7 @@ def test_only_stable_requests_are_queued_within_the_row_bound_and_the_rest_count
     assert shadow.queued_rows == 0
     for _ in range(3):
         shadow.offer(1, images, 0, None, None)
-    assert shadow.queued_rows == 8 and observer.jobs == ["dropped"]  # the third would make 12 rows of 10
+    assert shadow.queued_rows == 8 and observer.jobs == ["compare 2 with 1", "dropped"]  # the third: 12 rows of 10
     compared = shadow.comparison()
     assert (compared.candidate, compared.stable, compared.paired_inputs, compared.dropped) == (2, 1, 0, 1)
     shadow.compare(Pair(stable=1, candidate=3))  # a new pair starts afresh
