@@ -229,6 +229,54 @@ def test_dashboard_covers_what_operators_watch() -> None:
     assert "sum by (code)" in panels()["Rejected share by reason (status code)"]["targets"][0]["expr"]
 
 
+def row_panels(title: str) -> dict[str, dict]:
+    """The panels under the dashboard's row of that title, by title."""
+    board = dashboard()["panels"]
+    (start,) = [index for index, panel in enumerate(board) if panel["type"] == "row" and panel["title"] == title]
+    row = {}
+    for panel in board[start + 1 :]:
+        if panel["type"] == "row":
+            break
+        row[panel["title"]] = panel
+    return row
+
+
+def test_dashboard_shows_the_candidate_against_stable_on_the_same_inputs() -> None:
+    row = row_panels("Candidate vs stable on identical inputs")
+
+    def queries(title: str) -> list[str]:
+        return [target["expr"] for target in row[title]["targets"]]
+
+    # the paired difference's median and spread, per pair of versions
+    difference = queries("Paired difference: candidate − stable (median, p10, p90)")
+    for quantile in ("0.5", "0.1", "0.9"):
+        expected = (
+            f"histogram_quantile({quantile}, sum by (candidate, stable, le) (rate(vae_shadow_difference_nats_bucket"
+        )
+        assert any(query.startswith(expected) for query in difference), quantile
+    # worse = above the bucket at 0; prometheus_client writes that bucket's bound as "0.0"
+    (worse,) = queries("Share of inputs the candidate scores worse")
+    assert 'vae_shadow_difference_nats_bucket{namespace=~"$namespace", pod=~"$pod", le="0.0"}' in worse
+    assert row["Share of inputs the candidate scores worse"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    # both versions' distributions on the same images, by role
+    for metric in ("vae_shadow_negative_elbo_nats", "vae_shadow_reconstruction_nats", "vae_shadow_latent_norm"):
+        assert any(
+            f"sum by (version, role, le) (rate({metric}_bucket" in query for title in row for query in queries(title)
+        )
+    # the weight and each version's share of requests, on one scale
+    weight = row["Canary weight and share of requests by version"]
+    assert weight["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    weighted = queries("Canary weight and share of requests by version")
+    assert any("vae_canary_weight" in query for query in weighted)
+    assert any(query.startswith("sum by (version) (rate(vae_requests_total") and " / " in query for query in weighted)
+    # whether the evidence grows: shadow jobs by result, their runs' time, the pairs the alert and promote need
+    assert queries("Shadow jobs by result") == [
+        'sum by (result) (rate(vae_shadow_jobs_total{namespace=~"$namespace", pod=~"$pod"}[$__rate_interval]))'
+    ]
+    assert any("vae_shadow_seconds_bucket" in query for query in queries("Shadow run time p99 by role"))
+    assert steps(row["Paired inputs per 30 minutes"])[1:] == [(DEFAULT_MIN_PAIRS, "green")]
+
+
 def latency_histograms_read(panel: dict) -> bool:
     """Whether a panel plots quantiles of a histogram whose observations carry a sampled request's trace."""
     return any(
