@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     run_seconds = round(time.perf_counter() - started, 1)
     report = {
         "date": datetime.date.today().isoformat(),
+        "command": " ".join([parser.prog, *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(load_average_at_start),
         "settings": {
             "model": args.model_dir.name,

@@ -70,11 +70,12 @@ def test_the_shadow_bench_shadows_only_where_asked_and_pairs_each_server_with_of
     exported_repository: Path, tmp_path: Path
 ) -> None:
     """`make bench-shadow`, one short round: behaviour, not timing."""
-    run_module(
-        "bench.shadow", "--model-dir", str(exported_repository), "--seconds", "0.3", "--warmup", "0.2", "--rounds", "1",
-        "--out", str(tmp_path), timeout=240,
-    )  # fmt: skip
+    args = ("--model-dir", str(exported_repository), "--seconds", "0.3", "--warmup", "0.2", "--rounds", "1",
+            "--out", str(tmp_path))  # fmt: skip
+    run_module("bench.shadow", *args, timeout=240)
     report = json.loads((tmp_path / "shadow.json").read_text())
+    assert report["command"] == " ".join(("python -m bench.shadow", *args))  # what reproduces the figures
+    assert {"date", "machine", "settings", "windows"} <= set(report) and report["machine"]["nproc"] >= 1
     assert report["failures"] == [] and report["server_log_warnings_and_errors"] == {
         "off": {},
         "shadow_10": {},
