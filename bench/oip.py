@@ -254,6 +254,19 @@ async def closed_loop(
     return elapsed, latencies, codes
 
 
+async def typed_closed_loop(
+    target: str, method: str, request: Any, concurrency: int, warmup_s: float, seconds: float, measured: Measured
+) -> tuple[float, list[float], Counter[str]]:
+    """`closed_loop` on one VaeService method (e.g. "Decode"), every caller sending the one request built up front."""
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        rpc = getattr(pb_grpc.VaeServiceStub(channel), method)
+
+        async def call() -> None:
+            await rpc(request, timeout=TIMEOUT_S)
+
+        return await closed_loop(call, concurrency, warmup_s, seconds, measured)
+
+
 def latents(rows: int, latent_dim: int) -> np.ndarray:
     """The latents every load of ours sends: what bench/loadgen.py's Decode request holds."""
     request = build_request("decode", rows, latent_dim)[1]

@@ -38,20 +38,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench.loadgen import build_request, pin_to_cpus
 from bench.oip import (
-    CHANNEL_OPTIONS,
     SERVER_FLAGS,
-    TIMEOUT_S,
     Measured,
-    closed_loop,
     figures,
     load_average_now,
     machine,
     model_info,
     server_code,
+    typed_closed_loop,
     warnings_logged,
 )
 from bench.server_process import ServerProcess
@@ -59,7 +55,6 @@ from bench.serving import LOAD_CPUS, SERVER_CPUS
 from bench.tracing import paired, ratio, round_order
 from contract.labels import write_labels
 from contract.repository import MANIFEST_FILE
-from serving.api import pb_grpc
 
 FRACTIONS = {"off": 0.0, "shadow_10": 0.1, "shadow_100": 1.0}
 LOADS = ((16, 8), (1, 8))  # (callers, images per Score)
@@ -156,13 +151,9 @@ async def run_load(
     """One window of `callers` x `rows`-image Score against `server`."""
     measured = MeasuredWithShadow(server)
     request = build_request("score", rows, latent_dim)[1]
-    async with grpc.aio.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
-        score = pb_grpc.VaeServiceStub(channel).Score
-
-        async def call() -> None:
-            await score(request, timeout=TIMEOUT_S)
-
-        elapsed, latencies, codes = await closed_loop(call, callers, warmup_s, seconds, measured)
+    elapsed, latencies, codes = await typed_closed_loop(
+        server.target, "Score", request, callers, warmup_s, seconds, measured
+    )
     done = len(latencies)
     return Window(
         mode=mode,

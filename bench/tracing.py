@@ -52,26 +52,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import grpc
-
 from bench.loadgen import build_request, pin_to_cpus
 from bench.oip import (
-    CHANNEL_OPTIONS,
     SERVER_FLAGS,
-    TIMEOUT_S,
     Measured,
-    closed_loop,
     figures,
     load_average_now,
     machine,
     model_info,
     server_code,
+    typed_closed_loop,
     warnings_logged,
 )
 from bench.otlp_receiver import OtlpReceiver, ReceivedSpan
 from bench.server_process import ServerProcess
 from bench.serving import LOAD_CPUS, SERVER_CPUS
-from serving.api import pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHOUT = "f6cfc75"  # the last commit before tracing: `--without`'s default
@@ -239,13 +234,9 @@ async def run_load(
     """One window of `callers` x `rows`-row Decode against `server`."""
     measured = MeasuredHere(server)
     request = build_request("decode", rows, latent_dim)[1]
-    async with grpc.aio.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
-        decode = pb_grpc.VaeServiceStub(channel).Decode
-
-        async def call() -> None:
-            await decode(request, timeout=TIMEOUT_S)
-
-        elapsed, latencies, codes = await closed_loop(call, callers, warmup_s, seconds, measured)
+    elapsed, latencies, codes = await typed_closed_loop(
+        server.target, "Decode", request, callers, warmup_s, seconds, measured
+    )
     done = len(latencies)
     return Window(
         mode=mode,
