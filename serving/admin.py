@@ -82,7 +82,7 @@ def set_canary(model_dir: Path, version: int | None, weight: float | None, remov
         raise ValueError(f"{model_dir}: no canary label: name its version (vae-models canary DIR VERSION)")
     weight = routes.canary_weight if weight is None else weight
     write_labels(model_dir, labels, weight)
-    share = "the servers' --canary-weight" if weight is None else f"{weight:.0%}" if weight * 100 % 1 == 0 else weight
+    share = "the servers' --canary-weight" if weight is None else f"{weight * 100:g}%"
     return f"{model_dir.name}: canary -> version {labels[CANARY_LABEL]}, taking {share} of the default route"
 
 
@@ -94,7 +94,7 @@ def verdict(comparison: VersionComparison, margin: float, min_pairs: int) -> str
             f"version {comparison.candidate} has {comparison.paired_inputs} paired inputs, fewer than the "
             f"{min_pairs} needed{why}"
         )
-    if comparison.median_difference_high > margin:
+    if not comparison.median_difference_high <= margin:  # NaN (no pairs, with --min-pairs 0) is no evidence either
         return (
             f"version {comparison.candidate} may score live inputs worse than stable by more than the margin: the "
             f"upper end of the median difference's interval is {comparison.median_difference_high:+.3f} nats, "

@@ -81,6 +81,8 @@ def test_the_verdict_needs_enough_pairs_and_the_interval_within_the_margin() -> 
     assert verdict(comparison(paired_inputs=199), margin=1.0, min_pairs=200) == (
         "version 4 has 199 paired inputs, fewer than the 200 needed"
     )
+    no_pairs = comparison(paired_inputs=0, median_difference_high=float("nan"))
+    assert verdict(no_pairs, margin=1.0, min_pairs=0) is not None  # asking for no pairs still needs a median
     assert describe(comparison()) == (
         "version 4 against stable 3 on 500 paired inputs: median difference +0.200 nats (95% interval +0.100 .. "
         "+0.400), worse on 55.0%; median negative ELBO 101.70 against 101.50; 2 dropped, 0 abandoned (shadow "
