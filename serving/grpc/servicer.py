@@ -9,6 +9,7 @@ reply says which version answered (`model_version`); the same number goes out as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -189,22 +190,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
     ) -> pb.VersionComparison:
         compared = self.models.comparison(*version_choice(request.candidate))
         context.set_trailing_metadata(((VERSION_METADATA, str(compared.candidate)),))
-        return pb.VersionComparison(
-            candidate=compared.candidate,
-            stable=compared.stable,
-            paired_inputs=compared.paired_inputs,
-            median_difference=compared.median_difference,
-            median_difference_low=compared.median_low,
-            median_difference_high=compared.median_high,
-            confidence=compared.confidence,
-            share_worse=compared.share_worse,
-            stable_median_negative_elbo=compared.stable_median,
-            candidate_median_negative_elbo=compared.candidate_median,
-            dropped=compared.dropped,
-            abandoned=compared.abandoned,
-            shadow_fraction=compared.fraction,
-            note=compared.note,
-        )
+        return pb.VersionComparison(**dataclasses.asdict(compared))  # the same fields, by name
 
 
 def _seed_of(request: _VersionedRequest) -> int | None:

@@ -103,21 +103,21 @@ class _Scored:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The candidate against stable on the same live inputs (`CompareVersions`)."""
+    """The candidate against stable on the same live inputs: `CompareVersions`' reply, field for field."""
 
     candidate: int
     stable: int
     paired_inputs: int
     median_difference: float  # candidate − stable negative ELBO, nats (positive: the candidate is worse); nan: none
-    median_low: float  # the median's CONFIDENCE interval (distribution-free: order statistics)
-    median_high: float
-    share_worse: float  # of the paired inputs, those the candidate scores worse; nan: none
-    stable_median: float  # median negative ELBO of the paired inputs on each version
-    candidate_median: float
+    median_difference_low: float  # the median's CONFIDENCE interval (distribution-free: order statistics)
+    median_difference_high: float
     confidence: float
+    share_worse: float  # of the paired inputs, those the candidate scores worse; nan: none
+    stable_median_negative_elbo: float  # median negative ELBO of the paired inputs on each version
+    candidate_median_negative_elbo: float
     dropped: int  # requests offered while the queue was full, since the pair began
     abandoned: int  # jobs whose run failed or whose pair changed
-    fraction: float
+    shadow_fraction: float
     note: str  # why there are no pairs, when there are none
 
 
@@ -163,9 +163,9 @@ class ShadowScoring:
         self._worker: asyncio.Task[None] | None = None
         self._rng = np.random.default_rng()
         window = settings.shadow_window
+        # Per pair, newest last: the difference and stable's negative ELBO (the candidate's is their sum).
         self._differences: collections.deque[float] = collections.deque(maxlen=window)
         self._stable_scores: collections.deque[float] = collections.deque(maxlen=window)
-        self._candidate_scores: collections.deque[float] = collections.deque(maxlen=window)
         self._dropped = self._abandoned = 0
 
     def start(self) -> None:
@@ -184,8 +184,8 @@ class ShadowScoring:
         if pair == self.pair:
             return
         self.pair = pair
-        for window in (self._differences, self._stable_scores, self._candidate_scores):
-            window.clear()
+        self._differences.clear()
+        self._stable_scores.clear()
         self._dropped = self._abandoned = 0
         if pair is not None:
             self._observer.shadow_compared(pair.candidate, pair.stable)
@@ -223,25 +223,28 @@ class ShadowScoring:
         if candidate is not None and candidate != pair.candidate:
             note = f"version {candidate} is not being compared: the canary is version {pair.candidate}"
             return _empty(candidate, pair.stable, fraction, note)
-        differences = np.fromiter(self._differences, np.float64, len(self._differences))
+        count = len(self._differences)
+        if not count:
+            note = "shadow scoring is off (--shadow-fraction 0)" if fraction == 0 else "no pairs yet"
+            return _empty(pair.candidate, pair.stable, fraction, note, self._dropped, self._abandoned)
+        differences = np.fromiter(self._differences, np.float64, count)
+        stable = np.fromiter(self._stable_scores, np.float64, count)
         median, low, high = median_interval(differences)
-        count = len(differences)
-        note = "" if count else ("shadow scoring is off (--shadow-fraction 0)" if fraction == 0 else "no pairs yet")
         return Comparison(
             candidate=pair.candidate,
             stable=pair.stable,
             paired_inputs=count,
             median_difference=median,
-            median_low=low,
-            median_high=high,
-            share_worse=float(np.mean(differences > 0)) if count else math.nan,
-            stable_median=float(np.median(self._stable_scores)) if count else math.nan,
-            candidate_median=float(np.median(self._candidate_scores)) if count else math.nan,
+            median_difference_low=low,
+            median_difference_high=high,
             confidence=CONFIDENCE,
+            share_worse=float(np.mean(differences > 0)),
+            stable_median_negative_elbo=float(np.median(stable)),
+            candidate_median_negative_elbo=float(np.median(stable + differences)),
             dropped=self._dropped,
             abandoned=self._abandoned,
-            fraction=fraction,
-            note=note,
+            shadow_fraction=fraction,
+            note="",
         )
 
     async def _work(self) -> None:
@@ -280,7 +283,6 @@ class ShadowScoring:
         differences = candidate.scores.negative_elbo - stable.scores.negative_elbo
         self._differences.extend(differences.tolist())
         self._stable_scores.extend(stable.scores.negative_elbo.tolist())
-        self._candidate_scores.extend(candidate.scores.negative_elbo.tolist())
         self._observer.shadow_job("scored")
         self._observer.shadow_scored(job.pair.stable, "stable", stable.scores, stable.seconds)
         self._observer.shadow_scored(job.pair.candidate, "candidate", candidate.scores, candidate.seconds)
@@ -300,6 +302,8 @@ async def _score(engine: VaeEngine, job: _Job) -> _Scored:
     return _Scored(scores, time.perf_counter() - started)
 
 
-def _empty(candidate: int, stable: int, fraction: float, note: str) -> Comparison:
+def _empty(candidate: int, stable: int, fraction: float, note: str, dropped: int = 0, abandoned: int = 0) -> Comparison:
+    """A comparison without pairs: NaN for every figure pairs would give."""
     nan = math.nan
-    return Comparison(candidate, stable, 0, nan, nan, nan, nan, nan, nan, CONFIDENCE, 0, 0, fraction, note)
+    figures = (nan, nan, nan, CONFIDENCE, nan, nan, nan)  # the median, its interval, the share and the medians
+    return Comparison(candidate, stable, 0, *figures, dropped, abandoned, fraction, note)
