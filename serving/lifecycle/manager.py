@@ -316,14 +316,11 @@ class ModelManager:
     def comparison(self, version: int | None = None, label: str | None = None) -> Comparison:
         """Shadow scoring's evidence on a candidate (by number or label; neither: the canary's version) against
         stable; NotFound when neither names one and no canary label names a served version."""
-        if label:
-            version = self._resolve(None, label).engine.version.number
         if not version:
-            candidate = self._labels.get(CANARY_LABEL)
-            if candidate is None or candidate not in self._served:
-                where = "names no version" if candidate is None else f"names version {candidate}, which is not served"
-                raise NotFound(f"no candidate to compare: label {CANARY_LABEL!r} {where}; {self._describe_served()}")
-            version = candidate
+            try:
+                version = self._resolve(None, label or CANARY_LABEL).engine.version.number
+            except NotFound as exc:
+                raise NotFound(str(exc) if label else f"no candidate to compare: {exc}") from None
         return self.shadow.comparison(version)
 
     def status(self) -> list[VersionStatus]:
