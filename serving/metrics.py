@@ -303,9 +303,7 @@ class Metrics:
             (self.shadow_reconstruction, scores.reconstruction),
             (self.shadow_latent_norm, scores.latent_norm),
         ):
-            child = family.labels(v, role)
-            for value in values.tolist():
-                child.observe(value)
+            observe_each(family.labels(v, role), values)
         if seconds is not None:
             self.shadow_seconds.labels(v, role).observe(seconds)
 
@@ -313,9 +311,7 @@ class Metrics:
         """The paired differences of one job's inputs: candidate − stable negative ELBO."""
         key = (str(candidate), str(stable))
         self._shadow_pairs.add(key)
-        child = self.shadow_difference.labels(*key)
-        for value in differences.tolist():
-            child.observe(value)
+        observe_each(self.shadow_difference.labels(*key), differences)
 
     def for_version(self, version: int) -> _VersionObserver:
         """The batchers' observer for one version (its series created now: zeros, not gaps)."""
@@ -360,12 +356,16 @@ class _VersionObserver:
             queue_wait.observe(seconds)
 
     def inputs_encoded(self, latent_norms: np.ndarray) -> None:
-        for norm in latent_norms.tolist():
-            self._norms.observe(norm)
+        observe_each(self._norms, latent_norms)
 
     def inputs_scored(self, plugin_negative_elbo: np.ndarray) -> None:
-        for value in plugin_negative_elbo.tolist():
-            self._scores.observe(value)
+        observe_each(self._scores, plugin_negative_elbo)
+
+
+def observe_each(histogram: Any, values: np.ndarray) -> None:
+    """Every value of `values` into one labelled histogram (one observation per image)."""
+    for value in values.tolist():
+        histogram.observe(value)
 
 
 class _DroppedSpans(Collector):
