@@ -103,6 +103,11 @@ def _is_second_form(data: bytes) -> bool:
         raw = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
     except (msgspec.DecodeError, RecursionError):
         return False  # malformed either way: the first form's decoder says what is wrong
+    return _names_an_object(raw)
+
+
+def _names_an_object(raw: dict[str, msgspec.Raw]) -> bool:
+    """Whether a decoded labels.json's "labels" is an object: the second form (in the first it is a number)."""
     return bytes(raw.get(_ROUTES_KEY, b"")).lstrip().startswith(b"{")
 
 
@@ -115,7 +120,7 @@ def _what_is_wrong(data: bytes, error: Exception) -> str:
         raw = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
     except (msgspec.DecodeError, RecursionError):
         return f"{expected}: {str(error).replace('`', '')}"
-    if _ROUTES_KEY in raw and bytes(raw[_ROUTES_KEY]).lstrip().startswith(b"{"):
+    if _names_an_object(raw):
         second = f'{{"labels": {_EXAMPLE}, "canary_weight": 0.05}} (canary_weight from 0 to 1, or absent)'
         if "canary_weight" in raw:
             try:
